@@ -1,0 +1,113 @@
+"""stochdepth: stochastic depth (drop path) with exact, reproducible masks.
+
+    out[b] = shortcut[b] + keep[b] * s * residual[b]
+
+`keep` comes from a counter-based Philox4x32-10 stream keyed by (seed, offset), identical on every
+CPU, GPU and framework; the kernels are hand-written C++ (scalar and AVX2, chosen at run time)
+and CUDA. See README.md for the conventions, and `stochdepth.reference` for the NumPy oracle.
+
+Adapters live in submodules that import their framework lazily: `stochdepth.torch`,
+`stochdepth.keras`. Importing `stochdepth` itself imports neither.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes as _ml_dtypes
+import numpy as _np
+
+from . import _core, reference
+from ._core import Array
+
+__version__ = _core.build_info()["version"]
+__all__ = [
+    "Array",
+    "forward",
+    "backward",
+    "mask",
+    "build_info",
+    "set_num_threads",
+    "get_num_threads",
+    "set_isa",
+    "get_isa",
+    "empty_cache",
+    "reference",
+    "__version__",
+]
+
+_core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
+
+
+def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0, mode="row",
+            axis=0, scaling="inference", out=None, stream=None):
+    """Stochastic depth forward: ``shortcut + keep * s * residual``.
+
+    Args:
+        shortcut: the identity path, or None for the single-input form (``keep * s * residual``).
+        residual: the branch output; same shape, dtype and device as `shortcut`.
+        survival_prob: p in [0, 1], the probability of keeping a sample's residual.
+        training: True draws the mask; False is the inference form ``shortcut + c * residual``.
+        seed, offset: the mask is Philox4x32-10 keyed by `seed` with `offset` in the counter
+            (DESIGN.md); any integers in [0, 2**64). `seed` may be None only when training=False.
+        mode: "row" (one draw per sample) or "batch" (one draw for the whole batch).
+        axis: the sample axis (default 0); any rank >= 1.
+        scaling: "inference" (the paper, kerasfactory: s = 1, c = p) or "training" (timm,
+            torchvision: s = 1/p, c = 1).
+        out: optional output buffer; may be `shortcut` itself (in place: dropped samples are
+            not touched).
+        stream: CUDA stream handle (int) for CUDA inputs; default the legacy default stream.
+
+    A dropped sample gives the shortcut bit for bit and its residual is never read, so NaN or
+    Inf there does not reach the output. Returns a NumPy array for NumPy inputs, a
+    `stochdepth.Array` (DLPack producer) for other DLPack inputs, or `out` when given.
+    Arrays must be C-contiguous.
+    """
+    return _core.forward(shortcut, residual, survival_prob, training, seed, offset, mode, axis,
+                         scaling, out, stream)
+
+
+def backward(grad_out, survival_prob, *, training=True, seed, offset=0, mode="row", axis=0,
+             scaling="inference", out=None, stream=None):
+    """Gradients of `forward` for the same (seed, offset, mode, ...): ``(grad_shortcut, grad_residual)``.
+
+    grad_shortcut is `grad_out` itself (the same object, no copy). grad_residual is
+    ``s * grad_out`` for kept samples and exact zeros for dropped ones (grad_out is not read
+    there); at inference it is ``c * grad_out``. The mask is recomputed from (seed, offset).
+    """
+    return _core.backward(grad_out, survival_prob, training, seed, offset, mode, axis, scaling,
+                          out, stream)
+
+
+def mask(batch, survival_prob, *, seed, offset=0, mode="row"):
+    """The keep mask that `forward` uses for these arguments: a bool NumPy array of shape (batch,)."""
+    return _core.mask(batch, survival_prob, seed, offset, mode)
+
+
+def build_info():
+    """What this build contains: compiled and supported CPU ISAs, the active one, CUDA, threads."""
+    return _core.build_info()
+
+
+def set_num_threads(n):
+    """Threads used for large CPU tensors (default: all cores, or STOCHDEPTH_NUM_THREADS)."""
+    _core.set_num_threads(n)
+
+
+def get_num_threads():
+    return _core.get_num_threads()
+
+
+def set_isa(name):
+    """Force the CPU path: "scalar" or "avx2" (ValueError if this CPU or build lacks it).
+
+    The environment variable STOCHDEPTH_CPU does the same at import.
+    """
+    _core.set_isa(name)
+
+
+def get_isa():
+    return _core.get_isa()
+
+
+def empty_cache():
+    """Release the CPU output buffers that stochdepth keeps for reuse (see README, "Memory")."""
+    _core.cache_clear()

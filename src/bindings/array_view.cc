@@ -1,0 +1,348 @@
+// NumPy / DLPack <-> ArrayView translation and the stochdepth.Array output type.
+#include "array_view.h"
+
+#include <cstring>
+#include <stdexcept>
+
+#include "bindings/dlpack.h"
+#include "stochdepth/cuda_api.h"
+
+namespace stochdepth {
+namespace {
+
+using namespace dlpack;
+
+py::object& bf16_dtype() {
+  static py::object* d = new py::object();  // leaked on purpose: outlives interpreter teardown
+  return *d;
+}
+
+std::string type_name(py::handle obj) { return py::str(py::type::of(obj).attr("__name__")); }
+
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+
+bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strides_elems) {
+  if (!strides_elems) return true;
+  int64_t expected = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] == 0) return true;  // empty: nothing to lay out
+    if (shape[i] != 1 && strides_elems[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
+
+DType dtype_from_numpy(const py::dtype& dt, const char* name) {
+  if (dt.kind() == 'f') {
+    switch (dt.itemsize()) {
+      case 2: return DType::kFloat16;
+      case 4: return DType::kFloat32;
+      case 8: return DType::kFloat64;
+    }
+  }
+  if (bf16_dtype() && dt.equal(bf16_dtype())) return DType::kBFloat16;
+  type_error(std::string(name) + " must have a floating dtype (float16, bfloat16, float32 or "
+             "float64), got " + std::string(py::str(dt)));
+}
+
+DType dtype_from_dlpack(DLDataType t, const char* name) {
+  if (t.lanes == 1) {
+    if (t.code == kDLFloat && t.bits == 16) return DType::kFloat16;
+    if (t.code == kDLFloat && t.bits == 32) return DType::kFloat32;
+    if (t.code == kDLFloat && t.bits == 64) return DType::kFloat64;
+    if (t.code == kDLBfloat && t.bits == 16) return DType::kBFloat16;
+  }
+  static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  const std::string kind = t.code < 7 ? codes[t.code] : "code " + std::to_string(t.code);
+  type_error(std::string(name) + " must have a floating dtype (float16, bfloat16, float32 or "
+             "float64), got DLPack " + kind + std::to_string(t.bits) +
+             (t.lanes != 1 ? "x" + std::to_string(t.lanes) : ""));
+}
+
+Device device_from_dlpack(DLDevice d, const char* name) {
+  if (d.device_type == kDLCPU || d.device_type == kDLCUDAHost) return {DeviceKind::kCPU, 0};
+  if (d.device_type == kDLCUDA || d.device_type == kDLCUDAManaged) return {DeviceKind::kCUDA, d.device_id};
+  value_error(std::string(name) + " must be on the CPU or a CUDA device, got DLPack device type " +
+              std::to_string(d.device_type));
+}
+
+ArrayView view_numpy(const py::array& arr, const char* name) {
+  ArrayView v;
+  v.is_numpy = true;
+  v.dtype = dtype_from_numpy(arr.dtype(), name);
+  v.data = const_cast<void*>(arr.data());
+  v.shape.assign(arr.shape(), arr.shape() + arr.ndim());
+  const int flags = py::detail::array_proxy(arr.ptr())->flags;
+  v.contiguous = flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+  v.aligned = flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+  v.writable = flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  v.keep_alive = std::shared_ptr<void>(new py::object(arr), [](void* p) {
+    delete static_cast<py::object*>(p);  // views die in the binding, with the GIL held
+  });
+  return v;
+}
+
+template <class Managed>
+ArrayView view_managed(Managed* m, const char* name, bool read_only) {
+  const DLTensor& t = m->dl_tensor;
+  ArrayView v;
+  v.dtype = dtype_from_dlpack(t.dtype, name);
+  v.device = device_from_dlpack(t.device, name);
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.shape.assign(t.shape, t.shape + t.ndim);
+  v.contiguous = c_contiguous(v.shape, t.strides);
+  v.aligned = reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
+  v.writable = !read_only;
+  v.keep_alive = std::shared_ptr<void>(m, [](void* p) {
+    auto* mt = static_cast<Managed*>(p);
+    if (mt->deleter) mt->deleter(mt);
+  });
+  return v;
+}
+
+ArrayView view_capsule(py::object cap, const char* name) {
+  PyObject* c = cap.ptr();
+  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+    if (m->version.major != 1) {
+      type_error(std::string(name) + ": unsupported DLPack major version " +
+                 std::to_string(m->version.major) + " (expected 1)");
+    }
+    PyCapsule_SetName(c, "used_dltensor_versioned");  // consumed: ours to delete now
+    return view_managed(m, name, m->flags & kFlagReadOnly);
+  }
+  if (PyCapsule_IsValid(c, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+    PyCapsule_SetName(c, "used_dltensor");
+    return view_managed(m, name, false);
+  }
+  type_error(std::string(name) + ".__dlpack__() did not return a DLPack capsule");
+}
+
+ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream) {
+  py::tuple dev = obj.attr("__dlpack_device__")();
+  const int32_t dev_type = dev[0].cast<int32_t>();
+  py::object stream_arg = py::none();
+  if (dev_type == kDLCUDA || dev_type == kDLCUDAManaged) {
+    // DLPack: 1 is CUDA's legacy default stream, the one we use when none is given.
+    stream_arg = py::int_(stream.value_or(1));
+  }
+  py::object cap;
+  try {
+    cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
+                                 py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw;  // an older producer without max_version
+    cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg);
+  }
+  return view_capsule(cap, name);
+}
+
+// ---- stochdepth.Array's own DLPack export
+
+struct ExportCtx {
+  std::shared_ptr<Buffer> buffer;
+  std::vector<int64_t> shape;
+  DLManagedTensor managed{};
+};
+
+void export_deleter(DLManagedTensor* m) { delete static_cast<ExportCtx*>(m->manager_ctx); }
+
+void capsule_destructor(PyObject* cap) {
+  // Unconsumed capsules still own their tensor; consumed ones were renamed "used_dltensor".
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    m->deleter(m);
+  }
+}
+
+DLDataType dl_dtype(DType d) {
+  switch (d) {
+    case DType::kFloat16: return {kDLFloat, 16, 1};
+    case DType::kBFloat16: return {kDLBfloat, 16, 1};
+    case DType::kFloat32: return {kDLFloat, 32, 1};
+    case DType::kFloat64: return {kDLFloat, 64, 1};
+  }
+  return {kDLFloat, 32, 1};
+}
+
+py::capsule to_dlpack(const Array& a) {
+  auto* ctx = new ExportCtx{a.buffer, a.shape, {}};
+  DLTensor& t = ctx->managed.dl_tensor;
+  t.data = a.buffer->ptr;
+  t.device = {static_cast<int32_t>(a.buffer->device.kind), a.buffer->device.id};
+  t.ndim = static_cast<int32_t>(ctx->shape.size());
+  t.dtype = dl_dtype(a.dtype);
+  t.shape = ctx->shape.data();
+  t.strides = nullptr;  // compact row-major
+  t.byte_offset = 0;
+  ctx->managed.manager_ctx = ctx;
+  ctx->managed.deleter = &export_deleter;
+  PyObject* cap = PyCapsule_New(&ctx->managed, "dltensor", &capsule_destructor);
+  if (!cap) {
+    delete ctx;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(cap);
+}
+
+py::object numpy_dtype(DType d) {
+  switch (d) {
+    case DType::kFloat16: return py::dtype("float16");
+    case DType::kFloat32: return py::dtype("float32");
+    case DType::kFloat64: return py::dtype("float64");
+    case DType::kBFloat16:
+      if (!bf16_dtype()) throw py::type_error("bfloat16 needs ml_dtypes (pip install ml_dtypes)");
+      return bf16_dtype();
+  }
+  return py::none();
+}
+
+std::vector<py::ssize_t> c_strides(const std::vector<int64_t>& shape, size_t itemsize) {
+  std::vector<py::ssize_t> strides(shape.size());
+  py::ssize_t s = static_cast<py::ssize_t>(itemsize);
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= static_cast<py::ssize_t>(std::max<int64_t>(shape[i], 1));
+  }
+  return strides;
+}
+
+// A NumPy array viewing `buffer`, keeping it alive through a capsule base.
+py::array numpy_view(const std::shared_ptr<Buffer>& buffer, const std::vector<int64_t>& shape, DType dtype) {
+  auto* owner = new std::shared_ptr<Buffer>(buffer);
+  py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<Buffer>*>(p); });
+  return py::array(py::dtype::from_args(numpy_dtype(dtype)),
+                   std::vector<py::ssize_t>(shape.begin(), shape.end()),
+                   c_strides(shape, dtype_size(dtype)), buffer->ptr, base);
+}
+
+int64_t product(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+}  // namespace
+
+std::string Device::str() const {
+  return kind == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(id);
+}
+
+Buffer::Buffer(size_t n, Device d, void* stream) : bytes(n), device(d) {
+  if (device.kind == DeviceKind::kCPU) {
+    ptr = cpu_alloc(bytes);
+  } else if (bytes > 0) {
+    ptr = cuda_alloc(bytes, device.id, stream);
+  }
+}
+
+Buffer::~Buffer() {
+  if (device.kind == DeviceKind::kCPU) {
+    cpu_free(ptr, bytes);
+  } else if (ptr) {
+    cuda_free(ptr, device.id);
+  }
+}
+
+int64_t ArrayView::numel() const { return product(shape); }
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+  }
+  return "?";
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+void register_bfloat16(py::object dtype) { bf16_dtype() = std::move(dtype); }
+
+ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> stream) {
+  if (py::isinstance<py::array>(obj)) return view_numpy(py::reinterpret_borrow<py::array>(obj), name);
+  if (py::isinstance<Array>(obj)) {
+    const Array& a = obj.cast<const Array&>();
+    ArrayView v;
+    v.data = a.buffer->ptr;
+    v.shape = a.shape;
+    v.dtype = a.dtype;
+    v.device = a.buffer->device;
+    v.keep_alive = a.buffer;
+    return v;
+  }
+  if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
+    return view_dlpack(obj, name, stream);
+  }
+  type_error(std::string(name) + " must be a NumPy array or a DLPack producer (torch, JAX, CuPy), got " +
+             type_name(obj));
+}
+
+py::array new_numpy(const std::vector<int64_t>& shape, DType dtype) {
+  auto buffer = std::make_shared<Buffer>(static_cast<size_t>(product(shape)) * dtype_size(dtype),
+                                         Device{}, nullptr);
+  return numpy_view(buffer, shape, dtype);
+}
+
+py::object new_array(const std::vector<int64_t>& shape, DType dtype, Device device, void* stream) {
+  Array a;
+  a.buffer = std::make_shared<Buffer>(static_cast<size_t>(product(shape)) * dtype_size(dtype), device, stream);
+  a.shape = shape;
+  a.dtype = dtype;
+  return py::cast(std::move(a));
+}
+
+void bind_array(py::module_& m) {
+  py::class_<Array>(m, "Array", R"doc(
+An array that stochdepth allocated for a DLPack input: pass it to torch.from_dlpack,
+cupy.from_dlpack, jax.dlpack.from_dlpack or np.from_dlpack (no copy), or call .numpy()
+(CPU only, bfloat16 included).)doc")
+      .def_property_readonly("shape", [](const Array& a) {
+        py::tuple t(a.shape.size());
+        for (size_t i = 0; i < a.shape.size(); ++i) t[i] = py::int_(a.shape[i]);
+        return t;
+      })
+      .def_property_readonly("dtype", [](const Array& a) { return dtype_name(a.dtype); })
+      .def_property_readonly("device", [](const Array& a) { return a.buffer->device.str(); })
+      .def_property_readonly("nbytes", [](const Array& a) { return a.buffer->bytes; })
+      .def("__dlpack__", [](const Array& a, py::object /*stream*/, py::object /*max_version*/,
+                            py::object dl_device, py::object copy) {
+             // Our kernels ran on the stream the caller named; the consumer orders after it.
+             if (!copy.is_none() && copy.cast<bool>()) throw py::buffer_error("stochdepth.Array: copy=True is not supported");
+             (void)dl_device;
+             return to_dlpack(a);
+           },
+           py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
+           py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__", [](const Array& a) {
+        return py::make_tuple(static_cast<int>(a.buffer->device.kind), a.buffer->device.id);
+      })
+      .def("numpy", [](const Array& a) {
+        if (a.buffer->device.kind != DeviceKind::kCPU) {
+          throw py::value_error("Array.numpy() needs a CPU array, this one is on " + a.buffer->device.str());
+        }
+        return numpy_view(a.buffer, a.shape, a.dtype);
+      }, "A NumPy view of this CPU array (no copy).")
+      .def("__array__", [](const Array& a, py::object dtype, py::object copy) {
+        if (a.buffer->device.kind != DeviceKind::kCPU) {
+          throw py::value_error("cannot convert a " + a.buffer->device.str() + " Array to NumPy");
+        }
+        py::object arr = numpy_view(a.buffer, a.shape, a.dtype);
+        if (!dtype.is_none()) arr = arr.attr("astype")(dtype);
+        if (!copy.is_none() && copy.cast<bool>()) arr = arr.attr("copy")();
+        return arr;
+      }, py::arg("dtype") = py::none(), py::arg("copy") = py::none())
+      .def("__repr__", [](const Array& a) {
+        return "stochdepth.Array(shape=" + shape_str(a.shape) + ", dtype=" + dtype_name(a.dtype) +
+               ", device=" + a.buffer->device.str() + ")";
+      });
+}
+
+}  // namespace stochdepth

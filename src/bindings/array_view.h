@@ -1,0 +1,78 @@
+// Array inputs and outputs of the bindings: a NumPy array, a stochdepth.Array, or any DLPack
+// producer becomes an ArrayView (pointer, shape, dtype, device, flags) that keeps its source
+// alive; outputs are NumPy arrays or stochdepth.Array (a DLPack producer owning its buffer).
+// Translation only: no arithmetic, no RNG, no choice of kernel.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "stochdepth/drop_path.h"
+
+namespace stochdepth {
+namespace py = pybind11;
+
+enum class DeviceKind : int32_t { kCPU = 1, kCUDA = 2 };
+
+struct Device {
+  DeviceKind kind = DeviceKind::kCPU;
+  int32_t id = 0;
+  bool operator==(const Device& o) const { return kind == o.kind && id == o.id; }
+  std::string str() const;
+};
+
+// Memory owned by the library (an output it allocated).
+struct Buffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  Device device;
+  Buffer(size_t bytes, Device device, void* stream);
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// The Python-visible output type for DLPack inputs: stochdepth.Array.
+struct Array {
+  std::shared_ptr<Buffer> buffer;
+  std::vector<int64_t> shape;
+  DType dtype;
+};
+
+struct ArrayView {
+  void* data = nullptr;
+  std::vector<int64_t> shape;
+  DType dtype = DType::kFloat32;
+  Device device;
+  bool writable = true;
+  bool contiguous = true;
+  bool aligned = true;
+  bool is_numpy = false;
+  std::shared_ptr<void> keep_alive;  // the NumPy array, the Array's buffer or the DLPack tensor
+
+  int64_t numel() const;
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+};
+
+// `name` is the argument's name for error messages. `stream` is handed to a CUDA producer's
+// __dlpack__ so that it orders its work before ours.
+ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> stream);
+
+const char* dtype_name(DType d);
+std::string shape_str(const std::vector<int64_t>& shape);
+
+// The bfloat16 NumPy dtype (ml_dtypes), registered once at import by the Python package.
+void register_bfloat16(py::object dtype);
+
+// A NumPy array owning a fresh CPU buffer / a stochdepth.Array on `device`.
+py::array new_numpy(const std::vector<int64_t>& shape, DType dtype);
+py::object new_array(const std::vector<int64_t>& shape, DType dtype, Device device, void* stream);
+
+void bind_array(py::module_& m);
+
+}  // namespace stochdepth

@@ -1,0 +1,441 @@
+// PYBIND11_MODULE(_core): validates Python arguments and translates them into DropPathParams,
+// then makes one call into the core (dispatch.cc or the CUDA launcher) with the GIL released.
+// No arithmetic, no RNG and no kernel choice here: those live in src/stochdepth/.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "bindings/array_view.h"
+#include "stochdepth/cuda_api.h"
+#include "stochdepth/drop_path.h"
+#include "stochdepth/mask.h"
+
+namespace py = pybind11;
+using namespace stochdepth;
+
+namespace {
+
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+
+std::string type_name(py::handle obj) { return py::str(py::type::of(obj).attr("__name__")); }
+
+bool is_bool(py::handle obj) {
+  return PyBool_Check(obj.ptr()) || type_name(obj) == "bool_" || type_name(obj) == "bool";
+}
+
+// ---- scalar arguments
+
+double survival_prob_arg(py::handle obj) {
+  if (is_bool(obj) || !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr()) ||
+                        py::hasattr(obj, "__float__")) || PyComplex_Check(obj.ptr()) ||
+      py::isinstance<py::str>(obj)) {
+    type_error("survival_prob must be a real number in [0, 1], got " + type_name(obj));
+  }
+  const double p = obj.cast<double>();
+  if (!(p >= 0.0 && p <= 1.0)) {  // also rejects NaN
+    value_error("survival_prob must be in [0, 1], got " + std::string(py::repr(obj)));
+  }
+  return p;
+}
+
+uint64_t u64_arg(py::handle obj, const char* name) {
+  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
+    type_error(std::string(name) + " must be an integer in [0, 2**64), got " + type_name(obj));
+  }
+  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
+  if (!v) throw py::error_already_set();
+  int overflow = 0;
+  const long long as_ll = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow < 0 || (overflow == 0 && as_ll < 0)) {
+    value_error(std::string(name) + " must be in [0, 2**64), got " + std::string(py::str(v)));
+  }
+  const unsigned long long u = PyLong_AsUnsignedLongLong(v.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    value_error(std::string(name) + " must be in [0, 2**64), got " + std::string(py::str(v)));
+  }
+  return u;
+}
+
+uint64_t seed_arg(py::handle obj, bool training) {
+  if (obj.is_none()) {
+    if (!training) return 0;  // inference draws nothing
+    type_error("seed must be an integer in [0, 2**64) when training=True, got None");
+  }
+  return u64_arg(obj, "seed");
+}
+
+bool bool_arg(py::handle obj, const char* name) {
+  if (is_bool(obj)) return PyObject_IsTrue(obj.ptr());
+  if (PyLong_Check(obj.ptr())) {
+    const long v = PyLong_AsLong(obj.ptr());
+    if (v == 0 || v == 1) return v;
+  }
+  type_error(std::string(name) + " must be a bool, got " + std::string(py::repr(obj)));
+}
+
+std::string str_arg(py::handle obj, const char* name, const char* a, const char* b) {
+  if (!py::isinstance<py::str>(obj)) {
+    type_error(std::string(name) + " must be '" + a + "' or '" + b + "', got " + type_name(obj));
+  }
+  std::string s = obj.cast<std::string>();
+  if (s != a && s != b) {
+    value_error(std::string(name) + " must be '" + a + "' or '" + b + "', got '" + s + "'");
+  }
+  return s;
+}
+
+Scaling scaling_arg(py::handle obj) {
+  return str_arg(obj, "scaling", "inference", "training") == "training" ? Scaling::kTraining
+                                                                         : Scaling::kInference;
+}
+
+std::optional<int64_t> stream_arg(py::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  if (is_bool(obj) || !PyLong_Check(obj.ptr())) {
+    type_error("stream must be None or an integer cudaStream_t handle, got " + type_name(obj));
+  }
+  return obj.cast<int64_t>();
+}
+
+int64_t axis_arg(py::handle obj, size_t ndim) {
+  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
+    type_error("axis must be an integer, got " + type_name(obj));
+  }
+  const int64_t axis = obj.cast<int64_t>();
+  const int64_t n = static_cast<int64_t>(ndim);
+  if (axis < -n || axis >= n) {
+    value_error("axis " + std::to_string(axis) + " is out of range for an array of rank " +
+                std::to_string(n) + " (expected -" + std::to_string(n) + " <= axis < " +
+                std::to_string(n) + ")");
+  }
+  return axis < 0 ? axis + n : axis;
+}
+
+// ---- array checks, in the order Types, Shapes, Layout, Device
+
+bool overlaps(const ArrayView& a, const ArrayView& b) {
+  if (!(a.device == b.device) || a.nbytes() == 0 || b.nbytes() == 0) return false;
+  const auto a0 = reinterpret_cast<uintptr_t>(a.data), b0 = reinterpret_cast<uintptr_t>(b.data);
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+void check_layout(const ArrayView& v, const char* name) {
+  if (!v.contiguous) {
+    value_error(std::string(name) + " must be C-contiguous (np.ascontiguousarray(x) or "
+                "x.contiguous() make a contiguous copy), got a strided view of shape " +
+                shape_str(v.shape));
+  }
+  if (!v.aligned) {
+    value_error(std::string(name) + " must be aligned to its " + std::to_string(dtype_size(v.dtype)) +
+                "-byte items, got an unaligned buffer");
+  }
+}
+
+// `inputs` are (view, name) pairs already known to share dtype and shape.
+void check_out(const ArrayView& out, const ArrayView& like, const char* like_name) {
+  if (out.dtype != like.dtype) {
+    type_error(std::string("out must have dtype ") + dtype_name(like.dtype) + " like " + like_name +
+               ", got " + dtype_name(out.dtype));
+  }
+  if (out.shape != like.shape) {
+    value_error("out must have shape " + shape_str(like.shape) + " like " + like_name + ", got " +
+                shape_str(out.shape));
+  }
+  check_layout(out, "out");
+  if (!out.writable) value_error("out must be writable, got a read-only array");
+}
+
+void check_device(const ArrayView& v, const ArrayView& ref, const char* name, const char* ref_name) {
+  if (!(v.device == ref.device)) {
+    value_error(std::string(name) + " must be on the same device as " + ref_name + " (" +
+                ref.device.str() + "), got " + v.device.str());
+  }
+}
+
+void check_cuda_available(const ArrayView& v, const char* name) {
+  if (v.device.kind != DeviceKind::kCUDA) return;
+  if (!cuda_compiled()) {
+    value_error(std::string(name) + " is a CUDA array (" + v.device.str() +
+                "), but stochdepth was built without CUDA: rebuild with nvcc available "
+                "(STOCHDEPTH_CUDA=AUTO or ON)");
+  }
+  if (v.device.id >= cuda_device_count()) {
+    value_error(std::string(name) + " is on " + v.device.str() + ", but this process sees " +
+                std::to_string(cuda_device_count()) + " CUDA device(s)");
+  }
+}
+
+void set_geometry(DropPathParams& p, const std::vector<int64_t>& shape, int64_t axis) {
+  p.outer = 1;
+  p.inner = 1;
+  for (int64_t i = 0; i < axis; ++i) p.outer *= shape[i];
+  p.batch = shape[axis];
+  for (size_t i = axis + 1; i < shape.size(); ++i) p.inner *= shape[i];
+}
+
+void run(const DropPathParams& p, Device device, std::optional<int64_t> stream) {
+  if (p.numel() == 0) return;
+  py::gil_scoped_release release;
+  if (device.kind == DeviceKind::kCPU) {
+    drop_path_cpu(p);
+  } else {
+    drop_path_cuda(p, device.id, reinterpret_cast<void*>(stream.value_or(0)));
+  }
+}
+
+struct Common {
+  bool training;
+  uint64_t seed, offset;
+  bool batch_mode;
+  Scaling scaling;
+  double p;
+  std::optional<int64_t> stream;
+};
+
+Common common_args(py::handle survival_prob, py::handle training, py::handle seed,
+                   py::handle offset, py::handle mode, py::handle scaling, py::handle stream) {
+  Common c;
+  c.p = survival_prob_arg(survival_prob);
+  c.training = bool_arg(training, "training");
+  c.seed = seed_arg(seed, c.training);
+  c.offset = u64_arg(offset, "offset");
+  c.batch_mode = str_arg(mode, "mode", "row", "batch") == "batch";
+  c.scaling = scaling_arg(scaling);
+  c.stream = stream_arg(stream);
+  return c;
+}
+
+DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis) {
+  DropPathParams p;
+  p.dtype = input.dtype;
+  p.training = c.training;
+  p.batch_mode = c.batch_mode;
+  p.seed = c.seed;
+  p.offset = c.offset;
+  set_geometry(p, input.shape, axis);
+  set_scalars(p, c.p, c.scaling);
+  return p;
+}
+
+// A fresh output like `input`: NumPy for NumPy inputs, stochdepth.Array for DLPack inputs.
+py::object new_output(const ArrayView& like, std::optional<int64_t> stream) {
+  if (like.is_numpy) return new_numpy(like.shape, like.dtype);
+  return new_array(like.shape, like.dtype, like.device, reinterpret_cast<void*>(stream.value_or(0)));
+}
+
+py::object forward(py::object shortcut, py::object residual, py::object survival_prob,
+                   py::object training, py::object seed, py::object offset, py::object mode,
+                   py::object axis_obj, py::object scaling, py::object out, py::object stream) {
+  const Common c = common_args(survival_prob, training, seed, offset, mode, scaling, stream);
+  ArrayView res = view_of(residual, "residual", c.stream);
+  std::optional<ArrayView> sc;
+  if (!shortcut.is_none()) sc = view_of(shortcut, "shortcut", c.stream);
+  // Types
+  if (sc && sc->dtype != res.dtype) {
+    type_error(std::string("shortcut and residual must have the same dtype, got ") +
+               dtype_name(sc->dtype) + " and " + dtype_name(res.dtype));
+  }
+  // Shapes
+  if (res.shape.empty()) value_error("residual must have rank >= 1 (a sample axis), got a 0-d array");
+  if (sc && sc->shape != res.shape) {
+    value_error("residual must have shape " + shape_str(sc->shape) + " like shortcut, got " +
+                shape_str(res.shape));
+  }
+  const int64_t axis = axis_arg(axis_obj, res.shape.size());
+  // Layout
+  if (sc) check_layout(*sc, "shortcut");
+  check_layout(res, "residual");
+  // Device
+  if (sc) check_device(res, *sc, "residual", "shortcut");
+  check_cuda_available(res, "residual");
+
+  std::optional<ArrayView> o;
+  py::object result = out;
+  if (!out.is_none()) {
+    o = view_of(out, "out", c.stream);
+    check_out(*o, res, "residual");
+    check_device(*o, res, "out", "residual");
+    if (overlaps(*o, res)) value_error("out must not overlap residual");
+    if (sc && overlaps(*o, *sc) && o->data != sc->data) {
+      value_error("out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
+    }
+  } else {
+    result = new_output(res, c.stream);
+    o = view_of(result, "out", c.stream);
+  }
+
+  DropPathParams p = make_params(c, res, axis);
+  p.shortcut = sc ? sc->data : nullptr;
+  p.input = res.data;
+  p.out = o->data;
+  run(p, res.device, c.stream);
+  return result;
+}
+
+py::tuple backward(py::object grad_out, py::object survival_prob, py::object training,
+                   py::object seed, py::object offset, py::object mode, py::object axis_obj,
+                   py::object scaling, py::object out, py::object stream) {
+  const Common c = common_args(survival_prob, training, seed, offset, mode, scaling, stream);
+  ArrayView g = view_of(grad_out, "grad_out", c.stream);
+  if (g.shape.empty()) value_error("grad_out must have rank >= 1 (a sample axis), got a 0-d array");
+  const int64_t axis = axis_arg(axis_obj, g.shape.size());
+  check_layout(g, "grad_out");
+  check_cuda_available(g, "grad_out");
+
+  std::optional<ArrayView> o;
+  py::object result = out;
+  if (!out.is_none()) {
+    o = view_of(out, "out", c.stream);
+    check_out(*o, g, "grad_out");
+    check_device(*o, g, "out", "grad_out");
+    if (overlaps(*o, g)) value_error("out must not overlap grad_out");
+  } else {
+    result = new_output(g, c.stream);
+    o = view_of(result, "out", c.stream);
+  }
+  DropPathParams p = make_params(c, g, axis);
+  p.input = g.data;
+  p.out = o->data;
+  run(p, g.device, c.stream);
+  return py::make_tuple(grad_out, result);
+}
+
+py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, py::object offset,
+               py::object mode) {
+  if (is_bool(batch_obj) || !PyLong_Check(batch_obj.ptr())) {
+    type_error("batch must be a non-negative integer, got " + type_name(batch_obj));
+  }
+  const int64_t batch = batch_obj.cast<int64_t>();
+  if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
+  const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
+                               py::str("inference"), py::none());
+  py::array_t<bool> keep(batch);
+  compute_mask(reinterpret_cast<uint8_t*>(keep.mutable_data()), batch, c.seed, c.offset,
+               keep_threshold(c.p), c.batch_mode);
+  return std::move(keep);
+}
+
+DType dtype_arg(const std::string& s) {
+  if (s == "float16") return DType::kFloat16;
+  if (s == "bfloat16") return DType::kBFloat16;
+  if (s == "float32") return DType::kFloat32;
+  if (s == "float64") return DType::kFloat64;
+  value_error("dtype must be float16, bfloat16, float32 or float64, got '" + s + "'");
+}
+
+// The adapters' entry: pointers they validated themselves, minimal overhead.
+void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
+             int64_t inner, const std::string& dtype, double survival_prob, bool training,
+             bool batch_mode, const std::string& scaling, uint64_t seed, uint64_t offset,
+             int device, int64_t stream) {
+  if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
+    value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
+  }
+  if (outer < 0 || batch < 0 || inner < 0) value_error("outer, batch and inner must be >= 0");
+  DropPathParams p;
+  p.shortcut = reinterpret_cast<const void*>(shortcut);
+  p.input = reinterpret_cast<const void*>(input);
+  p.out = reinterpret_cast<void*>(out);
+  p.outer = outer;
+  p.batch = batch;
+  p.inner = inner;
+  p.dtype = dtype_arg(dtype);
+  p.training = training;
+  p.batch_mode = batch_mode;
+  p.seed = seed;
+  p.offset = offset;
+  if (scaling != "training" && scaling != "inference") {
+    value_error("scaling must be 'inference' or 'training', got '" + scaling + "'");
+  }
+  set_scalars(p, survival_prob, scaling == "training" ? Scaling::kTraining : Scaling::kInference);
+  if (p.numel() == 0) return;
+  py::gil_scoped_release release;
+  if (device < 0) {
+    drop_path_cpu(p);
+  } else {
+    drop_path_cuda(p, device, reinterpret_cast<void*>(stream));
+  }
+}
+
+void stream_copy(py::object dst, py::object src) {
+  ArrayView d = view_of(dst, "dst", std::nullopt), s = view_of(src, "src", std::nullopt);
+  if (d.nbytes() != s.nbytes()) {
+    value_error("dst and src must have the same number of bytes, got " + std::to_string(d.nbytes()) +
+                " and " + std::to_string(s.nbytes()));
+  }
+  check_layout(d, "dst");
+  check_layout(s, "src");
+  if (!d.writable) value_error("dst must be writable");
+  if (overlaps(d, s)) value_error("dst must not overlap src");
+  check_device(d, s, "dst", "src");
+  if (d.device.kind != DeviceKind::kCPU) value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
+  py::gil_scoped_release release;
+  stream_copy_cpu(d.data, s.data, d.nbytes());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "stochdepth's compiled core. Use the functions of the stochdepth package instead.";
+  active_isa();  // reads STOCHDEPTH_CPU now, so that a bad value fails the import
+  bind_array(m);
+
+  m.def("forward", &forward, py::arg("shortcut"), py::arg("residual"), py::arg("survival_prob"),
+        py::arg("training"), py::arg("seed"), py::arg("offset"), py::arg("mode"), py::arg("axis"),
+        py::arg("scaling"), py::arg("out"), py::arg("stream"));
+  m.def("backward", &backward, py::arg("grad_out"), py::arg("survival_prob"), py::arg("training"),
+        py::arg("seed"), py::arg("offset"), py::arg("mode"), py::arg("axis"), py::arg("scaling"),
+        py::arg("out"), py::arg("stream"));
+  m.def("mask", &mask, py::arg("batch"), py::arg("survival_prob"), py::arg("seed"),
+        py::arg("offset"), py::arg("mode"));
+  m.def("run_raw", &run_raw, py::arg("shortcut_ptr"), py::arg("input_ptr"), py::arg("out_ptr"),
+        py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
+        py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
+        py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"));
+  m.def("stream_copy", &stream_copy, py::arg("dst"), py::arg("src"));
+  m.def("stream_copy_raw", [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
+    py::gil_scoped_release release;
+    if (device < 0) {
+      stream_copy_cpu(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
+    } else {
+      stream_copy_cuda(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, device,
+                       reinterpret_cast<void*>(stream));
+    }
+  }, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("device"), py::arg("stream"));
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+    const Philox4x32 x = philox4x32_10(Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
+    return py::make_tuple(x.v[0], x.v[1], x.v[2], x.v[3]);
+  }, py::arg("counter"), py::arg("key"), "Philox4x32-10 from src/stochdepth/philox.h (for tests).");
+  m.def("register_bfloat16", &register_bfloat16, py::arg("dtype"));
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = STOCHDEPTH_VERSION;
+    d["cpu_isas_compiled"] = compiled_isas();
+    d["cpu_isas_supported"] = supported_isas();
+    d["cpu_isa"] = active_isa();
+    d["cuda_compiled"] = cuda_compiled();
+    d["cuda_architectures"] = cuda_architectures();
+    d["cuda_device_count"] = cuda_device_count();
+    d["num_threads"] = num_threads();
+    d["parallel_threshold_bytes"] = parallel_threshold_bytes();
+    return d;
+  });
+  m.def("set_isa", &set_isa, py::arg("name"));
+  m.def("get_isa", &active_isa);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &num_threads);
+  m.def("set_parallel_threshold", &set_parallel_threshold_bytes, py::arg("bytes"));
+  m.def("get_parallel_threshold", &parallel_threshold_bytes);
+  m.def("cache_bytes", &cpu_cache_bytes);
+  m.def("cache_clear", &cpu_cache_clear);
+}

@@ -1,0 +1,32 @@
+// The interface between dispatch.cc and the per-ISA CPU kernels (cpu_scalar.cc, cpu_avx2.cc).
+// ISA-free: no intrinsics here. dispatch.cc picks one table at run time; each ISA translation unit
+// fills its table from the one shared algorithm in cpu_kernel_impl.inc.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "drop_path.h"
+#include "portability.h"
+
+namespace stochdepth {
+
+struct CpuKernels {
+  const char* name;
+  // Elements [begin, end) of the flattened [outer, batch, inner] op. keep[b] is the per-sample
+  // decision (ignored when !params.training). `stream`: non-temporal stores for the output.
+  void (*run_range)(const DropPathParams& params, const uint8_t* keep, int64_t begin, int64_t end,
+                    bool stream);
+  // Bytes [begin, end) of a copy, with the same store policy as the op.
+  void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);
+};
+
+namespace scalar {
+const CpuKernels& kernels();
+}
+#if defined(STOCHDEPTH_HAVE_AVX2)
+namespace avx2 {
+const CpuKernels& kernels();
+}
+#endif
+
+}  // namespace stochdepth

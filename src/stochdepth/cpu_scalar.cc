@@ -1,0 +1,64 @@
+// The portable CPU path: plain C++ (baseline x86-64 / any target), always compiled, also the
+// fallback on CPUs without AVX2/FMA/F16C. The algorithm itself is in cpu_kernel_impl.inc.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+#include "half.h"
+
+namespace stochdepth {
+namespace scalar {
+namespace {
+
+struct Half { uint16_t bits; };
+struct BFloat16 { uint16_t bits; };
+
+// Width-1 "vectors": the scalar path is the shared loop with one element per step.
+template <class T> struct Vec;
+template <class T> struct ScalarVec {
+  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using V = C;
+  static constexpr int64_t kWidth = 1;
+  static constexpr uintptr_t kStreamAlign = 1;
+  static V set1(C s) { return s; }
+  static V mul(V a, V b) { return a * b; }
+  static V add(V a, V b) { return a + b; }
+};
+template <> struct Vec<float> : ScalarVec<float> {
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static void stream(float* p, V v) { *p = v; }
+};
+template <> struct Vec<double> : ScalarVec<double> {
+  static V load(const double* p) { return *p; }
+  static void store(double* p, V v) { *p = v; }
+  static void stream(double* p, V v) { *p = v; }
+};
+template <> struct Vec<Half> : ScalarVec<Half> {
+  static V load(const Half* p) { return half_to_float(p->bits); }
+  static void store(Half* p, V v) { p->bits = float_to_half(v); }
+  static void stream(Half* p, V v) { p->bits = float_to_half(v); }
+};
+template <> struct Vec<BFloat16> : ScalarVec<BFloat16> {
+  static V load(const BFloat16* p) { return bf16_to_float(p->bits); }
+  static void store(BFloat16* p, V v) { p->bits = float_to_bf16(v); }
+  static void stream(BFloat16* p, V v) { p->bits = float_to_bf16(v); }
+};
+
+// No portable non-temporal store: `stream` is a plain store here.
+void copy_bytes(void* dst, const void* src, size_t n, bool) { std::memcpy(dst, src, n); }
+void zero_bytes(void* dst, size_t n, bool) { std::memset(dst, 0, n); }
+void store_fence() {}
+
+#include "cpu_kernel_impl.inc"
+
+}  // namespace
+
+const CpuKernels& kernels() {
+  static const CpuKernels k{"scalar", &run_range, &copy_range};
+  return k;
+}
+
+}  // namespace scalar
+}  // namespace stochdepth

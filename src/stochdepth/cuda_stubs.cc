@@ -1,0 +1,23 @@
+// Built instead of cuda/drop_path.cu when the library is compiled without CUDA: every entry point
+// of cuda_api.h reports "not compiled" or throws, so callers need no #ifdef.
+#include <stdexcept>
+
+#include "cuda_api.h"
+
+namespace stochdepth {
+namespace {
+[[noreturn]] void no_cuda() {
+  throw std::invalid_argument(
+      "stochdepth was built without CUDA: rebuild with nvcc on PATH (STOCHDEPTH_CUDA=AUTO|ON)");
+}
+}  // namespace
+
+bool cuda_compiled() { return false; }
+std::string cuda_architectures() { return ""; }
+int cuda_device_count() { return 0; }
+void drop_path_cuda(const DropPathParams&, int, void*) { no_cuda(); }
+void stream_copy_cuda(void*, const void*, size_t, int, void*) { no_cuda(); }
+void* cuda_alloc(size_t, int, void*) { no_cuda(); }
+void cuda_free(void*, int) {}
+
+}  // namespace stochdepth
