@@ -1,0 +1,59 @@
+"""We test what we think we test: the installed build is the one this machine should produce.
+
+A build that silently dropped CUDA or AVX2 would let every CUDA test skip and every AVX2 test run
+the scalar path, so the expectation is explicit: STOCHDEPTH_EXPECT_CUDA=0|1 and
+STOCHDEPTH_EXPECT_ISA=scalar|avx2 (CI sets both), and without them what this machine implies
+(CUDA when nvcc is on PATH, since STOCHDEPTH_CUDA=AUTO builds it then; AVX2 when the CPU has it).
+"""
+
+import os
+import pathlib
+import shutil
+
+import stochdepth
+
+
+def _cpu_has_avx2():
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    return all(f in flags for f in ("avx2", "fma", "f16c"))
+
+
+def test_tests_run_against_the_installed_package():
+    # CI installs with `pip install .`: the package must come from site-packages, not python/.
+    # (Developers may use an editable install; CI sets CI=true.)
+    source = pathlib.Path(__file__).resolve().parents[1] / "python"
+    loaded = pathlib.Path(stochdepth.__file__).resolve()
+    if os.environ.get("CI"):
+        assert not loaded.is_relative_to(source), loaded
+    assert pathlib.Path(stochdepth._core.__file__).name.startswith("_core.")
+
+
+def test_cuda_compiled_in_as_expected():
+    expect = os.environ.get("STOCHDEPTH_EXPECT_CUDA")
+    expected = expect == "1" if expect is not None else shutil.which("nvcc") is not None
+    info = stochdepth.build_info()
+    assert info["cuda_compiled"] is expected, info
+    if expected:
+        assert "90" in info["cuda_architectures"] and "80" in info["cuda_architectures"]
+
+
+def test_active_isa_as_expected():
+    expected = os.environ.get("STOCHDEPTH_EXPECT_ISA") or ("avx2" if _cpu_has_avx2() else "scalar")
+    info = stochdepth.build_info()
+    assert info["cpu_isa"] == expected, info
+    assert info["cpu_isas_supported"][0] == expected
+    assert "scalar" in info["cpu_isas_compiled"]
+
+
+def test_no_gpu_means_zero_devices_not_an_error():
+    # On a machine without a driver the CUDA build must still import and report 0 devices.
+    assert stochdepth.build_info()["cuda_device_count"] >= 0
+
+
+def test_import_does_not_import_frameworks():
+    import subprocess
+    import sys
+
+    code = "import sys, stochdepth; print(sorted(m for m in ('torch','keras','jax','tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
