@@ -19,6 +19,8 @@ __all__ = [
     "scale_factor",
     "forward",
     "backward",
+    "forward_kept",
+    "backward_kept",
 ]
 
 # Random123's Philox4x32 constants (PHILOX_M4x32_0/1, PHILOX_W32_0/1).
@@ -168,3 +170,30 @@ def backward(grad_out, survival_prob, *, training=True, seed=0, offset=0, mode="
     grad_residual = forward(None, grad_out, survival_prob, training=training, seed=seed,
                             offset=offset, mode=mode, axis=axis, scaling=scaling)
     return grad_out, grad_residual
+
+
+def forward_kept(shortcut, kept_residual, survival_prob, *, seed=0, offset=0, mode="row", axis=0,
+                 scaling="inference"):
+    """Training forward where the residual was computed for the kept samples only.
+
+    `kept_residual` has, along `axis`, one entry per kept sample in order (StochasticResidual:
+    the branch ran on those samples only). The result equals `forward` with the full residual.
+    """
+    shortcut = np.asarray(shortcut)
+    keep = mask(shortcut.shape[axis], survival_prob, seed=seed, offset=offset, mode=mode)
+    full = np.zeros_like(shortcut)
+    index = [slice(None)] * shortcut.ndim
+    index[axis] = np.flatnonzero(keep)
+    full[tuple(index)] = kept_residual
+    return forward(shortcut, full, survival_prob, training=True, seed=seed, offset=offset,
+                   mode=mode, axis=axis, scaling=scaling)
+
+
+def backward_kept(grad_out, survival_prob, *, seed=0, offset=0, mode="row", axis=0,
+                  scaling="inference"):
+    """s * grad_out gathered at the kept samples (along `axis`): the branch output's gradient."""
+    grad_out = np.asarray(grad_out)
+    keep = mask(grad_out.shape[axis], survival_prob, seed=seed, offset=offset, mode=mode)
+    _, grad_residual = backward(grad_out, survival_prob, training=True, seed=seed, offset=offset,
+                                mode=mode, axis=axis, scaling=scaling)
+    return np.take(grad_residual, np.flatnonzero(keep), axis=axis)

@@ -336,7 +336,7 @@ DType dtype_arg(const std::string& s) {
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
              int64_t inner, const std::string& dtype, double survival_prob, bool training,
              bool batch_mode, const std::string& scaling, uint64_t seed, uint64_t offset,
-             int device, int64_t stream) {
+             int device, int64_t stream, bool compact_input, bool compact_output) {
   if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
     value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
   }
@@ -353,6 +353,8 @@ void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, 
   p.batch_mode = batch_mode;
   p.seed = seed;
   p.offset = offset;
+  p.compact_input = compact_input;
+  p.compact_output = compact_output;
   if (scaling != "training" && scaling != "inference") {
     value_error("scaling must be 'inference' or 'training', got '" + scaling + "'");
   }
@@ -400,7 +402,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("run_raw", &run_raw, py::arg("shortcut_ptr"), py::arg("input_ptr"), py::arg("out_ptr"),
         py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
-        py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"));
+        py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
+        py::arg("compact_input") = false, py::arg("compact_output") = false);
   m.def("stream_copy", &stream_copy, py::arg("dst"), py::arg("src"));
   m.def("stream_copy_raw", [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
     py::gil_scoped_release release;

@@ -10,12 +10,20 @@
 
 namespace stochdepth {
 
+// The mask of one call, computed once by dispatch.cc: keep[b], and for compact rows the index of
+// each kept sample among the kept ones (kept_index[b] = number of kept samples before b).
+struct MaskView {
+  const uint8_t* keep = nullptr;
+  const int64_t* kept_index = nullptr;
+  int64_t n_kept = 0;
+};
+
 struct CpuKernels {
   const char* name;
-  // Elements [begin, end) of the flattened [outer, batch, inner] op. keep[b] is the per-sample
-  // decision (ignored when !params.training). `stream`: non-temporal stores for the output.
-  void (*run_range)(const DropPathParams& params, const uint8_t* keep, int64_t begin, int64_t end,
-                    bool stream);
+  // Elements [begin, end) of the flattened [outer, batch, inner] op (the full, non-compact
+  // side). mask.keep[b] is ignored when !params.training. `stream`: non-temporal output stores.
+  void (*run_range)(const DropPathParams& params, const MaskView& mask, int64_t begin,
+                    int64_t end, bool stream);
   // Bytes [begin, end) of a copy, with the same store policy as the op.
   void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);
 };

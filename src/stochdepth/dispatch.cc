@@ -174,18 +174,37 @@ int threads_for(int64_t bytes_moved) {
 void drop_path_cpu(const DropPathParams& params) {
   const int64_t n = params.numel();
   if (n == 0) return;
+  if (params.compact_input || params.compact_output) {
+    const bool valid = params.training && !(params.compact_input && params.compact_output) &&
+                       !(params.compact_output && params.shortcut);
+    if (!valid) {
+      throw std::invalid_argument("compact rows need training=True, one compact side, and no "
+                                  "shortcut with a compact output");
+    }
+  }
   const CpuKernels* k = active_slot().load();
   std::vector<uint8_t> keep;
+  std::vector<int64_t> kept_index;
+  MaskView mask;
   if (params.training) {
     keep.resize(static_cast<size_t>(params.batch));
     compute_mask(keep.data(), params.batch, params.seed, params.offset, params.threshold,
                  params.batch_mode);
+    mask.keep = keep.data();
+    if (params.compact_input || params.compact_output) {
+      kept_index.resize(keep.size());
+      for (size_t b = 0; b < keep.size(); ++b) {
+        kept_index[b] = mask.n_kept;
+        mask.n_kept += keep[b];
+      }
+      mask.kept_index = kept_index.data();
+    }
   }
   const int64_t out_bytes = n * static_cast<int64_t>(dtype_size(params.dtype));
   const bool stream = out_bytes >= kStreamThresholdBytes;
   const int threads = threads_for(3 * out_bytes);
   parallel_for(n, 64, threads, [&](int64_t begin, int64_t end) {
-    k->run_range(params, keep.data(), begin, end, stream);
+    k->run_range(params, mask, begin, end, stream);
   });
 }
 

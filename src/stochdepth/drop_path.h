@@ -52,6 +52,12 @@ struct DropPathParams {
   uint64_t threshold = 0;   // keep iff draw < threshold; set by set_scalars
   float scale_f32 = 1.0f;   // the scale rounded once to float (f16, bf16, f32 compute)
   double scale_f64 = 1.0;   // the scale in double (f64 compute)
+  // Skipping the dropped samples' work (StochasticResidual; training only): the rows of `input`
+  // (forward, a scatter-add) or of `out` (backward, a gather) hold the kept samples only, in
+  // order: [outer, n_kept, inner]. A dropped sample has no row there: its output is the shortcut
+  // (forward) or nothing is written (backward).
+  bool compact_input = false;
+  bool compact_output = false;
 
   int64_t numel() const { return outer * batch * inner; }
 };
