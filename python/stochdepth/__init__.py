@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
+_core.get_isa()  # reads STOCHDEPTH_CPU now: an unknown or unsupported ISA fails the import (ValueError)
 
 
 def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0, mode="row",
