@@ -146,13 +146,16 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=0, offset=
     ct = _compute_type(dtype)
     s = scale_factor(survival_prob, training=training, scaling=scaling, dtype=dtype)
     res = _as_obi(residual, axis)
-    scaled = s * res.astype(ct)  # one rounding: the multiply
-    if shortcut is not None:
-        sc = _as_obi(np.asarray(shortcut), axis)
-        out = (sc.astype(ct) + scaled).astype(dtype)  # the add, then one rounding on store
-    else:
-        sc = None
-        out = scaled.astype(dtype)
+    # IEEE overflow to Inf and NaN inputs are part of the contract, not warnings (the rows of
+    # dropped samples are computed here and then discarded).
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = s * res.astype(ct)  # one rounding: the multiply
+        if shortcut is not None:
+            sc = _as_obi(np.asarray(shortcut), axis)
+            out = (sc.astype(ct) + scaled).astype(dtype)  # the add, then one rounding on store
+        else:
+            sc = None
+            out = scaled.astype(dtype)
     if training:
         keep = mask(res.shape[1], survival_prob, seed=seed, offset=offset, mode=mode)
         dropped = ~keep

@@ -39,11 +39,28 @@ double survival_prob_arg(py::handle obj) {
       py::isinstance<py::str>(obj)) {
     type_error("survival_prob must be a real number in [0, 1], got " + type_name(obj));
   }
-  const double p = obj.cast<double>();
+  const double p = PyFloat_AsDouble(obj.ptr());
+  if (PyErr_Occurred()) {  // e.g. an integer too large for a double
+    PyErr_Clear();
+    value_error("survival_prob must be in [0, 1], got " + std::string(py::repr(obj)));
+  }
   if (!(p >= 0.0 && p <= 1.0)) {  // also rejects NaN
     value_error("survival_prob must be in [0, 1], got " + std::string(py::repr(obj)));
   }
   return p;
+}
+
+// An integer argument as int64; out of range is a ValueError naming it (not a cast error).
+int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
+  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
+    type_error(std::string(name) + " must be " + expected + ", got " + type_name(obj));
+  }
+  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
+  if (!v) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0) value_error(std::string(name) + " must be " + expected + ", got " + std::string(py::str(v)));
+  return x;
 }
 
 uint64_t u64_arg(py::handle obj, const char* name) {
@@ -100,17 +117,12 @@ Scaling scaling_arg(py::handle obj) {
 
 std::optional<int64_t> stream_arg(py::handle obj) {
   if (obj.is_none()) return std::nullopt;
-  if (is_bool(obj) || !PyLong_Check(obj.ptr())) {
-    type_error("stream must be None or an integer cudaStream_t handle, got " + type_name(obj));
-  }
-  return obj.cast<int64_t>();
+  return i64_arg(obj, "stream", "None or an integer cudaStream_t handle");
 }
 
 int64_t axis_arg(py::handle obj, size_t ndim) {
-  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
-    type_error("axis must be an integer, got " + type_name(obj));
-  }
-  const int64_t axis = obj.cast<int64_t>();
+  const int64_t axis = i64_arg(obj, "axis", "an integer");
+  if (axis == std::numeric_limits<int64_t>::min()) value_error("axis is out of range");
   const int64_t n = static_cast<int64_t>(ndim);
   if (axis < -n || axis >= n) {
     value_error("axis " + std::to_string(axis) + " is out of range for an array of rank " +
@@ -311,11 +323,9 @@ py::tuple backward(py::object grad_out, py::object survival_prob, py::object tra
 
 py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, py::object offset,
                py::object mode) {
-  if (is_bool(batch_obj) || !PyLong_Check(batch_obj.ptr())) {
-    type_error("batch must be a non-negative integer, got " + type_name(batch_obj));
-  }
-  const int64_t batch = batch_obj.cast<int64_t>();
+  const int64_t batch = i64_arg(batch_obj, "batch", "a non-negative integer");
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
+  if (batch > (int64_t{1} << 40)) value_error("batch must be at most 2**40, got " + std::to_string(batch));
   const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
                                py::str("inference"), py::none());
   py::array_t<bool> keep(batch);
@@ -421,10 +431,13 @@ PYBIND11_MODULE(_core, m) {
                        reinterpret_cast<void*>(stream));
     }
   }, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("device"), py::arg("stream"));
-  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
-    const Philox4x32 x = philox4x32_10(Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
-    return py::make_tuple(x.v[0], x.v[1], x.v[2], x.v[3]);
-  }, py::arg("counter"), py::arg("key"), "Philox4x32-10 from src/stochdepth/philox.h (for tests).");
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key,
+                            const std::string& isa) {
+    std::array<uint32_t, 4> out{};
+    philox_block(isa, ctr.data(), key.data(), out.data());
+    return py::make_tuple(out[0], out[1], out[2], out[3]);
+  }, py::arg("counter"), py::arg("key"), py::arg("isa") = "scalar",
+  "One Philox4x32-10 block from the given CPU ISA's code (for the known-answer tests).");
   m.def("register_bfloat16", &register_bfloat16, py::arg("dtype"));
 
   m.def("build_info", [] {

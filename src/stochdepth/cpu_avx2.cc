@@ -1,6 +1,8 @@
 // The AVX2/FMA/F16C CPU path. The ONLY translation unit compiled with -mavx2 -mfma -mf16c; the
 // dispatcher calls into it only after CPUID + XGETBV said the CPU and OS support it. It defines
-// 8-lane (4 for double) vector traits and includes the one shared algorithm, cpu_kernel_impl.inc.
+// 8-lane (4 for double) vector traits and includes the one shared algorithm, cpu_kernel_impl.inc,
+// and computes the mask with Philox4x32-10 on 8 blocks at once (32 samples per step), checked
+// word for word against philox.h by the known-answer and random tests.
 // No namespace-scope SIMD constants: they would run at load time on any CPU.
 #include <immintrin.h>
 
@@ -10,6 +12,7 @@
 
 #include "cpu_kernels.h"
 #include "half.h"
+#include "philox.h"  // the constants only: this file calls none of its (external) inline functions
 
 namespace stochdepth {
 namespace avx2 {
@@ -123,10 +126,80 @@ void store_fence() { _mm_sfence(); }
 
 #include "cpu_kernel_impl.inc"
 
+// ---- Philox4x32-10 on 8 independent blocks (structure of arrays: word i of block j in c[i][j])
+
+// hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane.
+inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
+  lo = _mm256_mullo_epi32(m, c);
+  const __m256i even = _mm256_mul_epu32(m, c);                                          // lanes 0,2,4,6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(m, 32), _mm256_srli_epi64(c, 32));  // 1,3,5,7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+void philox8(__m256i c[4], uint32_t key0, uint32_t key1) {
+  using namespace philox_detail;
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kM1));
+  uint32_t k0 = key0, k1 = key1;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kW0;
+      k1 += kW1;
+    }
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c[0], hi0, lo0);
+    mulhilo8(m1, c[2], hi1, lo1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+  }
+}
+
+// Blocks q0 .. q0+7 of the mask stream: words[w][j] is word w of block q0 + j.
+void mask_blocks8(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][8]) {
+  alignas(32) uint32_t lo[8], hi[8];
+  for (int j = 0; j < 8; ++j) {
+    const uint64_t q = q0 + static_cast<uint64_t>(j);
+    lo[j] = static_cast<uint32_t>(q);
+    hi[j] = static_cast<uint32_t>(q >> 32);
+  }
+  __m256i c[4] = {_mm256_load_si256(reinterpret_cast<const __m256i*>(lo)),
+                  _mm256_load_si256(reinterpret_cast<const __m256i*>(hi)),
+                  _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset))),
+                  _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)))};
+  philox8(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int w = 0; w < 4; ++w) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[w]), c[w]);
+}
+
+void compute_mask_avx2(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
+                       uint64_t threshold, bool batch_mode) {
+  uint32_t words[4][8];
+  if (batch_mode) {  // one draw: sample 0, word 0 of block 0
+    mask_blocks8(0, seed, offset, words);
+    std::memset(keep, words[0][0] < threshold ? 1 : 0, static_cast<size_t>(batch));
+    return;
+  }
+  for (int64_t b0 = 0; b0 < batch; b0 += 32) {  // 8 blocks of 4 samples; the tail is masked
+    mask_blocks8(static_cast<uint64_t>(b0) >> 2, seed, offset, words);
+    const int64_t n = std::min<int64_t>(32, batch - b0);
+    for (int64_t i = 0; i < n; ++i) keep[b0 + i] = words[i & 3][i >> 2] < threshold ? 1 : 0;
+  }
+}
+
+void philox_avx2(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+  __m256i c[4];
+  for (int w = 0; w < 4; ++w) c[w] = _mm256_set1_epi32(static_cast<int>(counter[w]));
+  philox8(c, key[0], key[1]);
+  for (int w = 0; w < 4; ++w) out[w] = static_cast<uint32_t>(_mm256_extract_epi32(c[w], 0));
+}
+
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{"avx2", &run_range, &copy_range};
+  static const CpuKernels k{"avx2", &run_range, &copy_range, &compute_mask_avx2, &philox_avx2};
   return k;
 }
 

@@ -26,6 +26,11 @@ struct CpuKernels {
                     int64_t end, bool stream);
   // Bytes [begin, end) of a copy, with the same store policy as the op.
   void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);
+  // keep[b] for b in [0, batch): the mask stream of DESIGN.md (mask.h is its definition).
+  void (*compute_mask)(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
+                       uint64_t threshold, bool batch_mode);
+  // One Philox4x32-10 block, for the known-answer tests of each ISA.
+  void (*philox)(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]);
 };
 
 namespace scalar {

@@ -6,6 +6,7 @@
 
 #include "cpu_kernels.h"
 #include "half.h"
+#include "mask.h"
 
 namespace stochdepth {
 namespace scalar {
@@ -53,10 +54,23 @@ void store_fence() {}
 
 #include "cpu_kernel_impl.inc"
 
+void compute_mask_scalar(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
+                         uint64_t threshold, bool batch_mode) {
+  for (int64_t b = 0; b < batch; ++b) {
+    keep[b] = keep_sample(seed, offset, batch_mode ? 0 : static_cast<uint64_t>(b), threshold);
+  }
+}
+
+void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+  const Philox4x32 x =
+      philox4x32_10(Philox4x32{{counter[0], counter[1], counter[2], counter[3]}}, key[0], key[1]);
+  for (int i = 0; i < 4; ++i) out[i] = x.v[i];
+}
+
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{"scalar", &run_range, &copy_range};
+  static const CpuKernels k{"scalar", &run_range, &copy_range, &compute_mask_scalar, &philox_scalar};
   return k;
 }
 

@@ -12,7 +12,7 @@
 #include "cpu_features.h"
 #include "cpu_kernels.h"
 #include "drop_path.h"
-#include "mask.h"
+#include "mask.h"  // keep_threshold
 
 namespace stochdepth {
 
@@ -31,14 +31,7 @@ void set_scalars(DropPathParams& params, double p, Scaling scaling) {
   params.scale_f32 = static_cast<float>(s);  // one rounding, from the double
 }
 
-void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                  uint64_t threshold, bool batch_mode) {
-  if (batch_mode) {
-    std::fill(keep, keep + batch, keep_sample(seed, offset, 0, threshold) ? 1 : 0);
-    return;
-  }
-  for (int64_t b = 0; b < batch; ++b) keep[b] = keep_sample(seed, offset, b, threshold) ? 1 : 0;
-}
+// (compute_mask is defined below, with the ISA selection: each ISA computes the mask itself.)
 
 // ---- ISA selection
 
@@ -112,6 +105,21 @@ std::vector<std::string> supported_isas() {
 }
 
 std::string active_isa() { return active_slot().load()->name; }
+
+void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
+                  uint64_t threshold, bool batch_mode) {
+  active_slot().load()->compute_mask(keep, batch, seed, offset, threshold, batch_mode);
+}
+
+void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],
+                  uint32_t out[4]) {
+  const CpuKernels* k = kernels_for(isa);
+  if (!k) {
+    throw std::invalid_argument("isa must be one of the ISAs this build and CPU support (" +
+                                join(supported_isas()) + "), got '" + isa + "'");
+  }
+  k->philox(counter, key, out);
+}
 
 void set_isa(const std::string& name) {
   const CpuKernels* k = kernels_for(name);
@@ -188,8 +196,8 @@ void drop_path_cpu(const DropPathParams& params) {
   MaskView mask;
   if (params.training) {
     keep.resize(static_cast<size_t>(params.batch));
-    compute_mask(keep.data(), params.batch, params.seed, params.offset, params.threshold,
-                 params.batch_mode);
+    k->compute_mask(keep.data(), params.batch, params.seed, params.offset, params.threshold,
+                    params.batch_mode);
     mask.keep = keep.data();
     if (params.compact_input || params.compact_output) {
       kept_index.resize(keep.size());

@@ -71,6 +71,10 @@ void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
                   uint64_t threshold, bool batch_mode);
 
+// One Philox4x32-10 block computed by the given CPU ISA's code (known-answer tests).
+void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],
+                  uint32_t out[4]);
+
 // ---- CPU (dispatch.cc)
 void drop_path_cpu(const DropPathParams& params);
 // A plain streaming copy with the same threading and stores as the op: the bandwidth ceiling
