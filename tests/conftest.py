@@ -1,0 +1,231 @@
+"""Shared fixtures and helpers for the stochdepth test suite.
+
+The suite tests the *installed* package. If `import stochdepth` fails here, every test fails:
+a missing extension must never turn into a green run with zero kernels executed (STYLE.md,
+anti-pattern 4).
+
+What lives here:
+- DTYPES / TOLERANCES: the four dtypes; every backend must match `stochdepth.reference` exactly
+  (DESIGN.md pins the arithmetic), so the tolerance table is all "exact".
+- fixtures `isa` (every ISA this CPU supports), `threads` (1 thread; 2 threads with the
+  parallel threshold at 0 so that tiny tensors take the multi-threaded path), `dtype`, `rng`.
+- `use_isa` / `use_threads` context managers for tests that cannot take fixtures (hypothesis).
+- `bits`, `assert_bits_equal`: exact comparison of bit patterns, so NaN payloads and -0.0 count.
+- `random_array`: values with negatives, subnormals, large magnitudes and signed zeros.
+- `run_python`: run a snippet in a fresh interpreter (import-time env vars, crash-prone inputs).
+
+Test modules import these helpers as `from sd_testutil import ...`: this module registers itself
+under that name, because the name `conftest` is shared with tests/keras/conftest.py and
+`from conftest import ...` gets whichever conftest pytest imported last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import stochdepth
+from stochdepth import reference
+
+sys.modules.setdefault("sd_testutil", sys.modules[__name__])
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+DTYPES = [F16, BF16, F32, F64]
+DTYPE_IDS = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
+
+# Every backend reproduces stochdepth.reference bit for bit (DESIGN.md, "Arithmetic"), half
+# types included: they compute in float32 and round once on store, like the reference.
+TOLERANCES = {F16: "exact", BF16: "exact", F32: "exact", F64: "exact"}
+
+BUILD_INFO = stochdepth.build_info()
+SUPPORTED_ISAS = list(BUILD_INFO["cpu_isas_supported"])
+COMPILED_ISAS = list(BUILD_INFO["cpu_isas_compiled"])
+HAS_CUDA_DEVICE = bool(BUILD_INFO["cuda_compiled"]) and int(BUILD_INFO["cuda_device_count"]) > 0
+
+# (num_threads, parallel threshold in bytes or None = leave the library's default)
+THREAD_MODES = {"1thread": (1, None), "2threads": (2, 0)}
+
+
+def pytest_report_header(config):
+    return [
+        f"stochdepth {BUILD_INFO.get('version')}: isa={BUILD_INFO.get('cpu_isa')} "
+        f"compiled={COMPILED_ISAS} supported={SUPPORTED_ISAS} "
+        f"cuda_compiled={BUILD_INFO.get('cuda_compiled')} "
+        f"cuda_devices={BUILD_INFO.get('cuda_device_count')} "
+        f"threads={BUILD_INFO.get('num_threads')}"
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA_DEVICE:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA build and a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+# ---- ISA and thread selection
+
+
+@contextlib.contextmanager
+def use_isa(name):
+    """Force the CPU path `name` for the duration of the block, then restore the previous one."""
+    old = stochdepth.get_isa()
+    stochdepth.set_isa(name)
+    try:
+        assert stochdepth.get_isa() == name
+        yield name
+    finally:
+        stochdepth.set_isa(old)
+
+
+@contextlib.contextmanager
+def use_threads(n, threshold=None):
+    """Run with `n` threads; threshold=0 forces the multi-threaded path even on tiny tensors."""
+    core = stochdepth._core
+    old_n = stochdepth.get_num_threads()
+    old_t = core.get_parallel_threshold()
+    stochdepth.set_num_threads(n)
+    if threshold is not None:
+        core.set_parallel_threshold(threshold)
+    try:
+        yield n
+    finally:
+        stochdepth.set_num_threads(old_n)
+        core.set_parallel_threshold(old_t)
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def isa(request):
+    with use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=list(THREAD_MODES))
+def threads(request):
+    n, threshold = THREAD_MODES[request.param]
+    with use_threads(n, threshold):
+        yield request.param
+
+
+@pytest.fixture(params=DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def ieee_overflow_ok():
+    """Overflow to inf and arithmetic on NaN are IEEE behaviour that the tests exercise on purpose
+    (large inputs times 1/p, f32 -> f16 rounding, signaling NaNs in dropped rows that the
+    reference computes and then discards). NumPy warns about them and pytest turns warnings
+    into errors, so the modules that feed such values use this fixture (pytestmark)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        yield
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: reproducible, and different per test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---- comparisons
+
+
+def bits(a):
+    """The raw bit pattern of a float array, as unsigned integers of the same width."""
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_bits_equal(actual, expected, err_msg=""):
+    """Exact equality of dtype, shape and every bit (NaN payloads and the sign of zero too)."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}. {err_msg}"
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}. {err_msg}"
+    a, e = bits(actual), bits(expected)
+    if not np.array_equal(a, e):
+        bad = np.argwhere(a != e)
+        first = [tuple(int(i) for i in idx) for idx in bad[:5]]
+        shown = ", ".join(
+            f"{idx}: got {actual[idx]!r} ({int(a[idx]):#x}) want {expected[idx]!r} "
+            f"({int(e[idx]):#x})"
+            for idx in first
+        )
+        raise AssertionError(
+            f"{len(bad)} of {a.size} elements differ (dtype {actual.dtype}, shape "
+            f"{actual.shape}); first: {shown}. {err_msg}"
+        )
+
+
+# ---- inputs
+
+
+def random_array(rng, shape, dtype, *, special=True):
+    """Random values of `dtype`: mostly N(0, 1), plus (if special) negatives and positives of
+    large magnitude (so that scaling may overflow to inf), subnormals, and signed zeros.
+    No NaN or Inf: tests place those where they need them."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    vals = rng.standard_normal(n)
+    if special and n:
+        fi = ml_dtypes.finfo(dtype) if dtype == BF16 else np.finfo(dtype)
+        kind = rng.integers(0, 10, n)
+        sign = np.where(rng.integers(0, 2, n) == 1, -1.0, 1.0)
+        big = sign * float(fi.max) * rng.uniform(0.3, 0.9, n)
+        sub = sign * float(fi.smallest_subnormal) * rng.integers(1, 64, n)
+        vals = np.where(kind == 0, big, vals)
+        vals = np.where(kind == 1, sub, vals)
+        vals = np.where(kind == 2, sign * 0.0, vals)
+        vals = np.where(kind == 3, np.round(vals * 8), vals)
+    return vals.astype(dtype).reshape(shape)
+
+
+def misaligned(a):
+    """A C-contiguous copy of `a` whose data starts one element into a larger buffer."""
+    a = np.asarray(a)
+    buf = np.empty(a.size + 1, a.dtype)
+    view = buf[1:].reshape(a.shape)
+    view[...] = a
+    return view
+
+
+def filled_like(a, byte=0xA5):
+    """An array like `a` filled with a garbage byte pattern (so untouched outputs show)."""
+    out = np.empty_like(a)
+    out.view(np.uint8).reshape(-1)[:] = byte
+    return out
+
+
+def ref_forward(shortcut, residual, p, **kw):
+    return reference.forward(shortcut, residual, p, **kw)
+
+
+# ---- subprocesses
+
+
+def run_python(code, *, env=None, timeout=300):
+    """Run `code` in a fresh interpreter; returns CompletedProcess (text, both streams)."""
+    full_env = dict(os.environ)
+    full_env.pop("STOCHDEPTH_CPU", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
