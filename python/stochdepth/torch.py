@@ -852,3 +852,10 @@ class TorchvisionStochasticDepth(_SeededMixin, nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(p={self.p}, mode={self.mode}{self._seed_repr()})"
+
+
+# StochasticResidual (skips the dropped samples' work) lives in its own file; it builds on the
+# ops and the seed bookkeeping above.
+from ._torch_residual import StochasticResidual, stochastic_residual  # noqa: E402
+
+__all__ += ["StochasticResidual", "stochastic_residual"]

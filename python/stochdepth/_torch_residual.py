@@ -1,0 +1,249 @@
+"""StochasticResidual: stochastic depth that skips the dropped samples' work.
+
+A layer that receives an already computed residual cannot make training cheaper: the branch has
+run on every sample. This wrapper owns the branch instead. The mask is a pure function of
+(seed, offset, batch) computed on the host (DESIGN.md), so the kept samples are known before the
+branch runs, with no device synchronisation:
+
+    training:  idx = kept samples; y = branch(x[idx]); out = x, then out[idx] += s * y
+    inference: out = x + c * branch(x)
+
+The scatter-add (forward) and the gather of grad_out at the kept samples (backward) are the
+library's compact-row kernels (`_core.run_raw(..., compact_input=True / compact_output=True)`,
+CPU and CUDA), exposed as the custom ops `stochdepth::scatter_kept` and
+`stochdepth::gather_kept`. The result equals `stochastic_depth(x, branch(x), ...)` with the same
+seed and offset for any branch that treats samples independently; a branch with batch
+statistics (BatchNorm in training mode) sees only the kept samples, so its statistics, and hence
+its outputs, differ from the dense computation.
+
+torch.compile: drawing the mask and selecting the kept samples happen in functions excluded
+from compilation (`torch.compiler.disable`): at most one deliberate graph break per wrapper call
+(torch 2.13 traces around them without one). The branch and the scatter compile normally (the
+kept count is a dynamic size).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import _core
+from . import mask as _mask
+from .torch import (
+    _DTYPE_NAMES,
+    _M64,
+    _SCALINGS,
+    _check_mode,
+    _check_prob,
+    _check_u64,
+    _draw_rng,
+    _rank_key,
+    _rng_tensor,
+    _SeededMixin,
+    rank_seed,
+    stochastic_depth,
+)
+
+__all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_kept"]
+
+
+def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, *, batch,
+                    compact_input):
+    """run_raw with compact rows along dim 0: `batch` is the full batch size."""
+    full = out if compact_input else src
+    if full.numel() == 0:
+        return
+    seed, offset = (w & _M64 for w in rng.tolist())
+    if full.is_cuda:
+        device = full.device.index if full.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(device).cuda_stream
+    else:
+        device, stream = -1, 0
+    _core.run_raw(
+        0 if shortcut is None else shortcut.data_ptr(), src.data_ptr(), out.data_ptr(),
+        1, batch, full.numel() // batch, _DTYPE_NAMES[src.dtype], float(survival_prob), True,
+        bool(batch_mode), scaling, seed, offset, device, stream,
+        compact_input=compact_input, compact_output=not compact_input,
+    )
+
+
+@torch.library.custom_op("stochdepth::scatter_kept", mutates_args=())
+def scatter_kept(shortcut: Tensor, kept: Tensor, rng: Tensor, survival_prob: float,
+                 batch_mode: bool, scaling: str) -> Tensor:
+    """out = shortcut; out[k] = shortcut[k] + s * kept[j] for the j-th kept sample k (dim 0).
+
+    `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
+    """
+    shortcut, kept = shortcut.contiguous(), kept.contiguous()
+    out = torch.empty_like(shortcut)
+    _launch_compact(shortcut, kept, out, rng, survival_prob, batch_mode, scaling,
+                    batch=shortcut.shape[0], compact_input=True)
+    return out
+
+
+@scatter_kept.register_fake
+def _(shortcut, kept, rng, survival_prob, batch_mode, scaling):
+    return torch.empty_like(shortcut, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("stochdepth::gather_kept", mutates_args=())
+def gather_kept(grad_out: Tensor, rng: Tensor, survival_prob: float, batch_mode: bool,
+                scaling: str, n_kept: int) -> Tensor:
+    """s * grad_out at the kept samples (dim 0), in order: the branch output's gradient."""
+    grad_out = grad_out.contiguous()
+    out = grad_out.new_empty((n_kept,) + tuple(grad_out.shape[1:]))
+    _launch_compact(None, grad_out, out, rng, survival_prob, batch_mode, scaling,
+                    batch=grad_out.shape[0], compact_input=False)
+    return out
+
+
+@gather_kept.register_fake
+def _(grad_out, rng, survival_prob, batch_mode, scaling, n_kept):
+    return grad_out.new_empty((n_kept,) + tuple(grad_out.shape[1:]))
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, kept, rng, survival_prob, batch_mode, scaling = inputs
+    ctx.save_for_backward(rng)  # 16 bytes: the mask is recomputed, never stored
+    ctx.args = (survival_prob, batch_mode, scaling)
+    ctx.n_kept = kept.shape[0]
+
+
+def _scatter_backward(ctx, grad):
+    (rng,) = ctx.saved_tensors
+    g_kept = gather_kept(grad, rng, *ctx.args, ctx.n_kept) if ctx.needs_input_grad[1] else None
+    return grad, g_kept, None, None, None, None
+
+
+scatter_kept.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+def _gather_setup(ctx, inputs, output):
+    grad_out, rng, survival_prob, batch_mode, scaling, _ = inputs
+    ctx.save_for_backward(rng)
+    ctx.args = (survival_prob, batch_mode, scaling)
+    ctx.full_shape = grad_out.shape
+
+
+def _gather_backward(ctx, grad):
+    # gather_kept is linear; its adjoint puts s * grad at the kept samples and 0 elsewhere.
+    (rng,) = ctx.saved_tensors
+    zeros = grad.new_zeros(ctx.full_shape)
+    return scatter_kept(zeros, grad, rng, *ctx.args), None, None, None, None, None
+
+
+gather_kept.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+@torch.compiler.disable
+def _kept_indices(batch: int, survival_prob: float, mode: str, rng: Tensor, device):
+    """The kept samples' indices (on `device`) for the mask of `rng` = [seed, offset]."""
+    seed, offset = (w & _M64 for w in rng.tolist())
+    keep = _mask(batch, survival_prob, seed=seed, offset=offset, mode=mode)
+    return torch.from_numpy(np.flatnonzero(keep)).to(device, non_blocking=True)
+
+
+def _call_rng(seed, offset, generator, sync_across_ranks):
+    words = _draw_rng(generator) if seed is None else _rng_tensor(_check_u64("seed", seed),
+                                                                  _check_u64("offset", offset))
+    rank = _rank_key(sync_across_ranks)
+    if rank >= 0:
+        s, o = (w & _M64 for w in words.tolist())
+        words = _rng_tensor(rank_seed(s, rank), o)
+    return words
+
+
+def _residual(x, branch, survival_prob, mode, scaling, rng):
+    """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`."""
+    batch = x.shape[0]
+    idx = _kept_indices(batch, survival_prob, mode, rng, x.device)
+    n_kept = idx.shape[0]
+    if n_kept == 0:
+        return x  # "batch" mode, dropped: the branch does not run at all
+    y = branch(x) if n_kept == batch else branch(x.index_select(0, idx))
+    if y.shape[1:] != x.shape[1:] or y.shape[0] != n_kept:
+        raise ValueError(f"branch must keep the shape of its input, got {tuple(y.shape)} for "
+                         f"an input of shape ({n_kept}, {', '.join(map(str, x.shape[1:]))})")
+    if y.dtype != x.dtype:
+        common = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(common), y.to(common)
+    return scatter_kept(x, y, rng, float(survival_prob), mode == "batch", scaling)
+
+
+def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool = True, *,
+                        mode: str = "row", scaling: str = "inference", seed: Optional[int] = None,
+                        offset: int = 0, generator: Optional[torch.Generator] = None,
+                        sync_across_ranks: bool = False) -> Tensor:
+    """``x + keep * s * branch(x)`` that runs `branch` on the kept samples (dim 0) only.
+
+    Same mask, scalings and randomness rules as `stochastic_depth(x, branch(x), ...)`; see the
+    module docstring for when the results are identical.
+    """
+    _check_prob("survival_prob", survival_prob)
+    _check_mode(mode)
+    if scaling not in _SCALINGS:
+        raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have rank >= 1 (a sample axis), got a 0-d tensor")
+    if not training:
+        return stochastic_depth(x, branch(x), survival_prob, False, mode=mode, scaling=scaling)
+    rng = _call_rng(seed, offset, generator, sync_across_ranks)
+    return _residual(x, branch, survival_prob, mode, scaling, rng)
+
+
+class StochasticResidual(_SeededMixin, nn.Module):
+    """``x + keep * s * branch(x)``, running `branch` only on the samples it keeps.
+
+    Args:
+        branch: any module mapping (n, ...) to (n, ...) sample-wise.
+        survival_prob: p in [0, 1].
+        mode: "row" (per sample) or "batch" (a dropped call skips the branch entirely).
+        scaling: "inference" (the paper: eval adds p * branch(x)) or "training" (timm: 1/p).
+        seed: None draws from torch's generator each call; an integer gives a reproducible
+            sequence (offset += 1 per training call, kept in state_dict), as `StochasticDepth`.
+        sync_across_ranks: as `StochasticDepth`.
+    """
+
+    def __init__(self, branch: nn.Module, survival_prob: float, *, mode: str = "row",
+                 scaling: str = "inference", seed: Optional[int] = None,
+                 sync_across_ranks: bool = False):
+        super().__init__()
+        _check_prob("survival_prob", survival_prob)
+        _check_mode(mode)
+        if scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
+        self.branch = branch
+        self.survival_prob = float(survival_prob)
+        self.mode = mode
+        self.scaling = scaling
+        self._init_rng(seed, sync_across_ranks)
+
+    @torch.compiler.disable
+    def _step_rng(self) -> Tensor:
+        # Outside the compiled graph (the deliberate break): read and advance the module's
+        # [seed, offset], or draw a fresh pair; the rank enters the seed here.
+        state = self._rng_state
+        if state is None:
+            words = _draw_rng(None)
+        else:
+            words = state.clone()
+            state.add_(torch.tensor([0, 1], dtype=torch.int64))
+        rank = _rank_key(self.sync_across_ranks)
+        if rank >= 0:
+            s, o = (w & _M64 for w in words.tolist())
+            words = _rng_tensor(rank_seed(s, rank), o)
+        return words
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return stochastic_depth(x, self.branch(x), self.survival_prob, False, mode=self.mode,
+                                    scaling=self.scaling)
+        return _residual(x, self.branch, self.survival_prob, self.mode, self.scaling,
+                         self._step_rng())
+
+    def extra_repr(self) -> str:
+        return (f"survival_prob={self.survival_prob}, mode={self.mode!r}, "
+                f"scaling={self.scaling!r}{self._seed_repr()}")
