@@ -5,7 +5,7 @@ run on every sample. This wrapper owns the branch instead. The mask is a pure fu
 (seed, offset, batch) computed on the host (DESIGN.md), so the kept samples are known before the
 branch runs, with no device synchronisation:
 
-    training:  idx = kept samples; y = branch(x[idx]); out = x, then out[idx] += s * y
+    training:  k = kept samples; y = branch(x[k]); out = x, then out[k] += s * y
     inference: out = x + c * branch(x)
 
 The scatter-add (forward) and the gather of grad_out at the kept samples (backward) are the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -52,11 +51,21 @@ __all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_
 
 def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, *, batch,
                     compact_input):
-    """run_raw with compact rows along dim 0: `batch` is the full batch size."""
+    """run_raw with compact rows along dim 0: `batch` is the full batch size.
+
+    The compact side's row count is checked against the mask first: the kernel trusts it, and a
+    wrong count would read or write past a buffer.
+    """
+    compact = src if compact_input else out
+    seed, offset = (w & _M64 for w in rng.tolist())
+    mode = "batch" if batch_mode else "row"
+    n_kept = int(_mask(batch, survival_prob, seed=seed, offset=offset, mode=mode).sum())
+    if compact.shape[0] != n_kept:
+        raise ValueError(f"the kept samples' tensor must have {n_kept} rows (the mask keeps "
+                         f"{n_kept} of {batch}), got {compact.shape[0]}")
     full = out if compact_input else src
     if full.numel() == 0:
         return
-    seed, offset = (w & _M64 for w in rng.tolist())
     if full.is_cuda:
         device = full.device.index if full.device.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -71,79 +80,88 @@ def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling,
 
 
 @torch.library.custom_op("stochdepth::scatter_kept", mutates_args=())
-def scatter_kept(shortcut: Tensor, kept: Tensor, rng: Tensor, survival_prob: float,
-                 batch_mode: bool, scaling: str) -> Tensor:
-    """out = shortcut; out[k] = shortcut[k] + s * kept[j] for the j-th kept sample k (dim 0).
+def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival_prob: float,
+                 batch_mode: bool, scaling: str, batch: int) -> Tensor:
+    """The full-batch tensor with row k = shortcut[k] + s * kept[j] for the j-th kept sample k
+    (dim 0) and shortcut[k] for a dropped one; without a shortcut, s * kept[j] and zeros.
 
     `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
     """
-    shortcut, kept = shortcut.contiguous(), kept.contiguous()
-    out = torch.empty_like(shortcut)
-    _launch_compact(shortcut, kept, out, rng, survival_prob, batch_mode, scaling,
-                    batch=shortcut.shape[0], compact_input=True)
+    kept = kept.contiguous()
+    if shortcut is not None:
+        shortcut = shortcut.contiguous()
+        out = torch.empty_like(shortcut)
+    else:
+        out = kept.new_empty((batch,) + tuple(kept.shape[1:]))
+    _launch_compact(shortcut, kept, out, rng, survival_prob, batch_mode, scaling, batch=batch,
+                    compact_input=True)
     return out
 
 
 @scatter_kept.register_fake
-def _(shortcut, kept, rng, survival_prob, batch_mode, scaling):
-    return torch.empty_like(shortcut, memory_format=torch.contiguous_format)
+def _(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch):
+    return kept.new_empty((batch,) + tuple(kept.shape[1:]))
 
 
 @torch.library.custom_op("stochdepth::gather_kept", mutates_args=())
-def gather_kept(grad_out: Tensor, rng: Tensor, survival_prob: float, batch_mode: bool,
+def gather_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: bool,
                 scaling: str, n_kept: int) -> Tensor:
-    """s * grad_out at the kept samples (dim 0), in order: the branch output's gradient."""
-    grad_out = grad_out.contiguous()
-    out = grad_out.new_empty((n_kept,) + tuple(grad_out.shape[1:]))
-    _launch_compact(None, grad_out, out, rng, survival_prob, batch_mode, scaling,
-                    batch=grad_out.shape[0], compact_input=False)
+    """s * full at the kept samples (dim 0), in order. With scaling "inference" s = 1: a plain
+    selection of the kept samples (the branch's input); with the op's scaling, the branch
+    output's gradient."""
+    full = full.contiguous()
+    out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
+    _launch_compact(None, full, out, rng, survival_prob, batch_mode, scaling,
+                    batch=full.shape[0], compact_input=False)
     return out
 
 
 @gather_kept.register_fake
-def _(grad_out, rng, survival_prob, batch_mode, scaling, n_kept):
-    return grad_out.new_empty((n_kept,) + tuple(grad_out.shape[1:]))
+def _(full, rng, survival_prob, batch_mode, scaling, n_kept):
+    return full.new_empty((n_kept,) + tuple(full.shape[1:]))
 
+
+# Both ops save only `rng` (16 bytes) for backward: the mask is recomputed, never stored.
 
 def _scatter_setup(ctx, inputs, output):
-    _, kept, rng, survival_prob, batch_mode, scaling = inputs
-    ctx.save_for_backward(rng)  # 16 bytes: the mask is recomputed, never stored
+    shortcut, kept, rng, survival_prob, batch_mode, scaling, _ = inputs
+    ctx.save_for_backward(rng)
     ctx.args = (survival_prob, batch_mode, scaling)
     ctx.n_kept = kept.shape[0]
+    ctx.has_shortcut = shortcut is not None
 
 
 def _scatter_backward(ctx, grad):
     (rng,) = ctx.saved_tensors
     g_kept = gather_kept(grad, rng, *ctx.args, ctx.n_kept) if ctx.needs_input_grad[1] else None
-    return grad, g_kept, None, None, None, None
+    g_sc = grad if ctx.has_shortcut and ctx.needs_input_grad[0] else None
+    return g_sc, g_kept, None, None, None, None, None
 
 
 scatter_kept.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 
 
 def _gather_setup(ctx, inputs, output):
-    grad_out, rng, survival_prob, batch_mode, scaling, _ = inputs
+    full, rng, survival_prob, batch_mode, scaling, _ = inputs
     ctx.save_for_backward(rng)
     ctx.args = (survival_prob, batch_mode, scaling)
-    ctx.full_shape = grad_out.shape
+    ctx.batch = full.shape[0]
 
 
 def _gather_backward(ctx, grad):
     # gather_kept is linear; its adjoint puts s * grad at the kept samples and 0 elsewhere.
     (rng,) = ctx.saved_tensors
-    zeros = grad.new_zeros(ctx.full_shape)
-    return scatter_kept(zeros, grad, rng, *ctx.args), None, None, None, None, None
+    return scatter_kept(None, grad, rng, *ctx.args, ctx.batch), None, None, None, None, None
 
 
 gather_kept.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 @torch.compiler.disable
-def _kept_indices(batch: int, survival_prob: float, mode: str, rng: Tensor, device):
-    """The kept samples' indices (on `device`) for the mask of `rng` = [seed, offset]."""
+def _kept_count(batch: int, survival_prob: float, mode: str, rng: Tensor) -> int:
+    """How many samples the mask of `rng` = [seed, offset] keeps (host only, no device sync)."""
     seed, offset = (w & _M64 for w in rng.tolist())
-    keep = _mask(batch, survival_prob, seed=seed, offset=offset, mode=mode)
-    return torch.from_numpy(np.flatnonzero(keep)).to(device, non_blocking=True)
+    return int(_mask(batch, survival_prob, seed=seed, offset=offset, mode=mode).sum())
 
 
 def _call_rng(seed, offset, generator, sync_across_ranks):
@@ -159,18 +177,21 @@ def _call_rng(seed, offset, generator, sync_across_ranks):
 def _residual(x, branch, survival_prob, mode, scaling, rng):
     """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`."""
     batch = x.shape[0]
-    idx = _kept_indices(batch, survival_prob, mode, rng, x.device)
-    n_kept = idx.shape[0]
+    n_kept = _kept_count(batch, survival_prob, mode, rng)
     if n_kept == 0:
-        return x  # "batch" mode, dropped: the branch does not run at all
-    y = branch(x) if n_kept == batch else branch(x.index_select(0, idx))
+        return x  # nothing kept ("batch" mode, or p = 0): the branch does not run at all
+    batch_mode = mode == "batch"
+    # The kept samples, gathered by the library's kernel with factor 1 (scaling "inference").
+    kept_x = x if n_kept == batch else gather_kept(x, rng, survival_prob, batch_mode,
+                                                   "inference", n_kept)
+    y = branch(kept_x)
     if y.shape[1:] != x.shape[1:] or y.shape[0] != n_kept:
         raise ValueError(f"branch must keep the shape of its input, got {tuple(y.shape)} for "
                          f"an input of shape ({n_kept}, {', '.join(map(str, x.shape[1:]))})")
     if y.dtype != x.dtype:
         common = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(common), y.to(common)
-    return scatter_kept(x, y, rng, float(survival_prob), mode == "batch", scaling)
+    return scatter_kept(x, y, rng, float(survival_prob), batch_mode, scaling, batch)
 
 
 def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool = True, *,
