@@ -67,7 +67,7 @@ def check_common(data, device="cpu"):
 
 
 def test_quick_small_cpu(tmp_path):
-    data, proc = run_bench(tmp_path, "--quick", "--cases", "small", "--no-compile")
+    data, proc = run_bench(tmp_path, "--quick", "--cases", "small", "--no-keras", "--no-compile")
     check_common(data)
     assert [c["name"] for c in data["cases"]] == ["small"]
     case = data["cases"][0]
@@ -118,7 +118,7 @@ def test_custom_cases_without_torch(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_quick_small_cpu_with_compile(tmp_path):
     """The torch.compile rows: numbers, or a recorded reason why compiling failed here."""
-    data, _ = run_bench(tmp_path, "--quick", "--cases", "small", "--ops", "fwd,fwd_out,bwd",
+    data, _ = run_bench(tmp_path, "--quick", "--cases", "small", "--no-keras", "--ops", "fwd,fwd_out,bwd",
                         timeout=900)
     check_common(data)
     for op_res in data["cases"][0]["ops"].values():

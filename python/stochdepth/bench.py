@@ -962,6 +962,8 @@ def run(args):
         _print_case(case_res, device)
         results["cases"].append(case_res)
     progress.finish()
+    if device == "cpu" and not args.no_keras and not args.no_torch:
+        results["keras"] = _keras_rows(args.p, 3 if args.quick else 10)
     results["failures"] = failures
     if failures:
         print("\nstochdepth rows that FAILED:", file=sys.stderr)
@@ -1001,6 +1003,8 @@ def parse_args(argv=None):
                     help="torch.compile(dynamic=True): one compile for all shapes (faster to "
                          "compile; default dynamic=False, a kernel specialised per case)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--no-keras", action="store_true",
+                    help="skip the Keras rows (stochdepth.keras vs kerasfactory, torch backend)")
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
     if args.min_time is None:
@@ -1008,6 +1012,28 @@ def parse_args(argv=None):
     if not 0.0 <= args.p <= 1.0 or math.isnan(args.p):
         ap.error(f"--p must be in [0, 1], got {args.p}")
     return args
+
+
+def _keras_rows(p, reps):
+    """stochdepth.keras vs kerasfactory's layer on Keras's torch backend (issue 5's rows)."""
+    try:
+        from stochdepth._keras_bench import KERASFACTORY_SHAPE, keras_adapter_rows
+
+        rows = keras_adapter_rows(KERASFACTORY_SHAPE, "float32", p, reps)
+    except Exception as exc:  # noqa: BLE001 - keras or a backend missing: say so, carry on
+        print(f"\nKeras rows skipped: {short_error(exc)}")
+        return {"error": short_error(exc)}
+    print(f"\nKeras layer on the torch backend, {KERASFACTORY_SHAPE} float32, p={p} "
+          f"(median of {reps}, ms)")
+    base = {(r["op"]): r.get("median_ms") for r in rows if r["impl"] == "kerasfactory"}
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['impl']:18s} {r['op']:17s} FAILED: {r['error']}")
+            continue
+        ref = base.get(r["op"])
+        vs = f"  {ref / r['median_ms']:5.1f}x vs kerasfactory" if ref and r["impl"] != "kerasfactory" else ""
+        print(f"  {r['impl']:18s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
+    return {"shape": list(KERASFACTORY_SHAPE), "rows": rows}
 
 
 def main(argv=None):
