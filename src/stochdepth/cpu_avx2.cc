@@ -35,14 +35,12 @@ struct Float8 {
 };
 
 template <> struct Vec<float> : Float8 {
-  static constexpr uintptr_t kStreamAlign = 32;
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
 };
 
 template <> struct Vec<Half> : Float8 {
-  static constexpr uintptr_t kStreamAlign = 16;
   static V load(const Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -52,7 +50,6 @@ template <> struct Vec<Half> : Float8 {
 };
 
 template <> struct Vec<BFloat16> : Float8 {
-  static constexpr uintptr_t kStreamAlign = 16;
   static V load(const BFloat16* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -78,7 +75,6 @@ template <> struct Vec<double> {
   using C = double;
   using V = __m256d;
   static constexpr int64_t kWidth = 4;
-  static constexpr uintptr_t kStreamAlign = 32;
   static V set1(C s) { return _mm256_set1_pd(s); }
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static V add(V a, V b) { return _mm256_add_pd(a, b); }
@@ -87,8 +83,8 @@ template <> struct Vec<double> {
   static void stream(double* p, V v) { _mm256_stream_pd(p, v); }
 };
 
-// Byte copies and fills for dropped rows. Streaming: align the destination to 32 bytes, then
-// non-temporal 32-byte stores, two per iteration (one cache line).
+// Byte copies and fills for dropped rows. Streaming: whole 64-byte lines of the destination get
+// non-temporal stores, the partial lines at either end ordinary ones (never both on one line).
 void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
   if (!stream) {
     std::memcpy(dst, src, n);
@@ -96,7 +92,7 @@ void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
   }
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-  const size_t head = std::min(n, static_cast<size_t>((32 - reinterpret_cast<uintptr_t>(d) % 32) % 32));
+  const size_t head = std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
   std::memcpy(d, s, head);
   size_t i = head;
   for (; i + 64 <= n; i += 64) {
@@ -114,11 +110,14 @@ void zero_bytes(void* dst, size_t n, bool stream) {
     return;
   }
   char* d = static_cast<char*>(dst);
-  const size_t head = std::min(n, static_cast<size_t>((32 - reinterpret_cast<uintptr_t>(d) % 32) % 32));
+  const size_t head = std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
   std::memset(d, 0, head);
   size_t i = head;
   const __m256i z = _mm256_setzero_si256();
-  for (; i + 32 <= n; i += 32) _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), z);
+  for (; i + 64 <= n; i += 64) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), z);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), z);
+  }
   std::memset(d + i, 0, n - i);
 }
 

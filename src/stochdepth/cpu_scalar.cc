@@ -21,7 +21,6 @@ template <class T> struct ScalarVec {
   using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
   using V = C;
   static constexpr int64_t kWidth = 1;
-  static constexpr uintptr_t kStreamAlign = 1;
   static V set1(C s) { return s; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }

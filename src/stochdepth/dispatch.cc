@@ -1,10 +1,16 @@
 // The ONE place that picks the CPU implementation (scalar or AVX2), computes the mask and the
 // derived scalars, and splits work across threads. Kernels (cpu_scalar.cc, cpu_avx2.cc) get
 // plain element ranges; the bindings get a single call.
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <new>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -80,9 +86,11 @@ int default_threads() {
 }
 
 std::atomic<int> g_threads{0};  // 0: not initialised yet
-// Below this many bytes moved a call stays on the calling thread: starting a thread costs tens
-// of microseconds (measured in benchmarks/RESULTS.md).
-std::atomic<int64_t> g_parallel_threshold{1 << 20};
+// Below this many bytes moved a call stays on the calling thread. Waking a parked worker costs
+// 70-130 us on the 2-core VM of benchmarks/RESULTS.md (an idle vCPU is slow to wake), so a second
+// thread pays off only from about 8 MB (measured there: 6.3 MB moved, 122 us on one thread vs
+// 205 us on two; 12.6 MB, 440 us vs 356 us).
+std::atomic<int64_t> g_parallel_threshold{8 << 20};
 // Outputs at least this large are written with non-temporal stores: they would not stay in the
 // cache anyway, and streaming saves the read-for-ownership of every output line.
 constexpr int64_t kStreamThresholdBytes = 4 << 20;
@@ -151,6 +159,84 @@ void set_parallel_threshold_bytes(int64_t bytes) { g_parallel_threshold.store(st
 
 namespace {
 
+// A persistent pool of worker threads, so that a call does not start threads (~120 us each on the
+// VM of benchmarks/RESULTS.md, a little more than waking a parked one). One call uses the pool at
+// a time; a concurrent call (another Python thread) finds it busy and runs on its own thread
+// instead of waiting.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+  std::mutex& busy() { return busy_; }
+
+  // Runs fn(part) for part in [0, parts), part 0 on the calling thread. Needs busy() held.
+  void run(int parts, const std::function<void(int)>& fn) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      fn_ = &fn;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void loop(int part) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn;
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (part >= parts_) continue;  // this call uses fewer parts
+        fn = fn_;
+      }
+      (*fn)(part);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex busy_, m_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+std::mutex g_pool_mutex;  // guards g_pool (creation, growth, replacement after fork)
+Pool* g_pool = nullptr;   // never destroyed: workers park until the process exits
+
+// A forked child has the parent's Pool object but none of its threads: forget it (leak it, its
+// std::thread objects must not be destroyed) and let the child start its own.
+void forget_pool_in_child() {
+  new (&g_pool_mutex) std::mutex();
+  g_pool = nullptr;
+}
+
+Pool* pool_for(int threads) {
+  static const bool registered = [] {
+    pthread_atfork(nullptr, nullptr, &forget_pool_in_child);
+    return true;
+  }();
+  (void)registered;
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (!g_pool || g_pool->size() < threads) {
+    // Growing: the old pool stays alive (a call may be using it) and is simply left idle.
+    g_pool = new Pool(threads - 1);
+  }
+  return g_pool;
+}
+
 // Splits [0, total) into `threads` chunks whose boundaries are multiples of `grain` (a cache
 // line or more of every dtype, so two threads never write the same line) and runs fn(begin, end)
 // on each, the first on the calling thread.
@@ -162,15 +248,17 @@ void parallel_for(int64_t total, int64_t grain, int threads, const Fn& fn) {
     fn(int64_t{0}, total);
     return;
   }
-  const int64_t chunk = ((total + n - 1) / n + grain - 1) / grain * grain;
-  std::vector<std::thread> workers;
-  workers.reserve(n - 1);
-  for (int t = 1; t < n; ++t) {
-    const int64_t begin = std::min(total, t * chunk), end = std::min(total, (t + 1) * chunk);
-    if (begin < end) workers.emplace_back([&fn, begin, end] { fn(begin, end); });
+  Pool* pool = pool_for(n);
+  std::unique_lock<std::mutex> busy(pool->busy(), std::try_to_lock);
+  if (!busy.owns_lock()) {  // another call is using the pool: do this one here
+    fn(int64_t{0}, total);
+    return;
   }
-  fn(int64_t{0}, std::min(total, chunk));
-  for (auto& w : workers) w.join();
+  const int64_t chunk = ((total + n - 1) / n + grain - 1) / grain * grain;
+  pool->run(n, [&](int part) {
+    const int64_t begin = std::min(total, part * chunk), end = std::min(total, (part + 1) * chunk);
+    if (begin < end) fn(begin, end);
+  });
 }
 
 int threads_for(int64_t bytes_moved) {
