@@ -49,26 +49,52 @@ template <> struct Vec<Half> : Float8 {
   static void stream(Half* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), round(v)); }
 };
 
-template <> struct Vec<BFloat16> : Float8 {
+// bfloat16: 16 elements a step, as two float vectors. unpacklo/hi_epi16 with zeros widen
+// within each 128-bit lane (elements 0-3 and 8-11, then 4-7 and 12-15) and packus_epi32 narrows
+// back in the same lane order, so the original order comes out without a permute, and a step is
+// one 32-byte load per input and one 32-byte store. This is where bfloat16 spends its time.
+struct Float8x2 {
+  __m256 lo, hi;
+};
+
+template <> struct Vec<BFloat16> {
+  using C = float;
+  using V = Float8x2;
+  static constexpr int64_t kWidth = 16;
+  static V set1(C s) { return {_mm256_set1_ps(s), _mm256_set1_ps(s)}; }
+  static V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  static V add(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
   static V load(const BFloat16* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i z = _mm256_setzero_si256();
+    return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v))};
   }
-  // Round to nearest even like float_to_bf16 in half.h; NaN becomes sign | 0x7FC0 (ml_dtypes).
-  static __m128i round(V v) {
+  // Round to nearest even like float_to_bf16 in half.h: add 0x7FFF plus the kept lowest bit,
+  // keep the high half. NaN (rare: checked for the whole step at once) becomes sign | 0x7FC0.
+  static __m256i round8(__m256 v) {
     const __m256i x = _mm256_castps_si256(v);
-    const __m256i hi = _mm256_srli_epi32(x, 16);
-    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(x, bias), 16);
-    const __m256i nan = _mm256_or_si256(_mm256_and_si256(hi, _mm256_set1_epi32(0x8000)),
-                                        _mm256_set1_epi32(0x7FC0));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, nan, is_nan);
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
   }
-  static void store(BFloat16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round(v)); }
-  static void stream(BFloat16* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), round(v)); }
+  static __m256i fix_nan8(__m256 v, __m256i r) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i nan = _mm256_or_si256(
+        _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7FC0));
+    return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  }
+  static __m256i round(V v) {
+    __m256i lo = round8(v.lo), hi = round8(v.hi);
+    const __m256 unordered = _mm256_or_ps(_mm256_cmp_ps(v.lo, v.lo, _CMP_UNORD_Q),
+                                          _mm256_cmp_ps(v.hi, v.hi, _CMP_UNORD_Q));
+    if (_mm256_movemask_ps(unordered) != 0) {
+      lo = fix_nan8(v.lo, lo);
+      hi = fix_nan8(v.hi, hi);
+    }
+    return _mm256_packus_epi32(lo, hi);
+  }
+  static void store(BFloat16* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round(v)); }
+  static void stream(BFloat16* p, V v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), round(v)); }
 };
 
 template <> struct Vec<double> {
