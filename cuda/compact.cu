@@ -45,10 +45,7 @@ __device__ int64_t kept_before(const CompactArgs& a, int64_t b) {
   unsigned long long mine = 0;
   const uint64_t blocks = (static_cast<uint64_t>(b) + 3) >> 2;  // Philox blocks touching [0, b)
   for (uint64_t q = threadIdx.x; q < blocks; q += kThreads) {
-    const Philox4x32 ctr{{static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
-                          static_cast<uint32_t>(a.offset), static_cast<uint32_t>(a.offset >> 32)}};
-    const Philox4x32 w =
-        philox4x32_10(ctr, static_cast<uint32_t>(a.seed), static_cast<uint32_t>(a.seed >> 32));
+    const Philox4x32 w = mask_block(a.seed, a.offset, q);
     for (int j = 0; j < 4; ++j) {
       const uint64_t sample = 4 * q + j;
       mine += (sample < static_cast<uint64_t>(b) && w.v[j] < a.threshold) ? 1 : 0;

@@ -80,8 +80,8 @@ struct KernelArgs {
 // The draws of samples 4q .. 4q+3 are the four words of one Philox block (DESIGN.md, "The mask
 // stream"). mask_draw(seed, offset, b) computes that block for every sample; a tile of a tensor
 // with inner = 1 holds thousands of consecutive samples, so the kernel keeps the last block and
-// reads sample b's word from it: a quarter of the Philox work. The counter is built exactly as in
-// mask_draw (keep the two in step; the CUDA tests compare every mask with the reference).
+// reads sample b's word from it: a quarter of the Philox work (mask_block of mask.h, the same
+// block mask_draw reads).
 struct DrawCache {
   uint64_t q = ~uint64_t{0};
   Philox4x32 words{};
@@ -90,9 +90,7 @@ struct DrawCache {
                                        uint64_t threshold) {
     if ((b >> 2) != q) {
       q = b >> 2;
-      const Philox4x32 ctr{{static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
-                            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
-      words = philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+      words = mask_block(seed, offset, q);
     }
     // Select the word with compares: indexing words.v by a run-time value would put the block in
     // local memory.

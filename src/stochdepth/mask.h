@@ -14,14 +14,16 @@ inline uint64_t keep_threshold(double survival_prob) {
   return static_cast<uint64_t>(survival_prob * 4294967296.0);  // p in [0,1]: truncation == floor
 }
 
-// Raw 32-bit draw for sample `sample` (use sample = 0 for every sample in "batch" mode).
-STOCHDEPTH_HOST_DEVICE inline uint32_t mask_draw(uint64_t seed, uint64_t offset, uint64_t sample) {
-  const uint64_t q = sample >> 2;
+// The Philox block holding the draws of samples 4q .. 4q+3 (sample b's draw is word b & 3).
+STOCHDEPTH_HOST_DEVICE inline Philox4x32 mask_block(uint64_t seed, uint64_t offset, uint64_t q) {
   const Philox4x32 ctr{{static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
                         static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
-  const Philox4x32 x =
-      philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return x.v[sample & 3];
+  return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Raw 32-bit draw for sample `sample` (use sample = 0 for every sample in "batch" mode).
+STOCHDEPTH_HOST_DEVICE inline uint32_t mask_draw(uint64_t seed, uint64_t offset, uint64_t sample) {
+  return mask_block(seed, offset, sample >> 2).v[sample & 3];
 }
 
 STOCHDEPTH_HOST_DEVICE inline bool keep_sample(uint64_t seed, uint64_t offset, uint64_t sample,
