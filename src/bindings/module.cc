@@ -413,14 +413,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("compact_input") = false, py::arg("compact_output") = false);
-  m.def("empty", [](std::vector<int64_t> shape, const std::string& dtype) {
-    for (int64_t d : shape) {
-      if (d < 0) value_error("shape must not have negative dimensions, got " + shape_str(shape));
-    }
-    return new_array(shape, dtype_arg(dtype), Device{}, nullptr);
-  }, py::arg("shape"), py::arg("dtype"),
-  "An uninitialised CPU stochdepth.Array from the library's recycled, huge-page buffers: for "
-  "adapters whose framework allocator would page-fault every output afresh.");
   m.def("stream_copy", &stream_copy, py::arg("dst"), py::arg("src"));
   m.def("stream_copy_raw", [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
     py::gil_scoped_release release;
