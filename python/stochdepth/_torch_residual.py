@@ -35,9 +35,11 @@ from .torch import (
     _DTYPE_NAMES,
     _M64,
     _SCALINGS,
+    _STEP,
     _check_mode,
     _check_prob,
     _check_u64,
+    _device_and_stream,
     _draw_rng,
     _eager_ok,
     _rank_key,
@@ -69,17 +71,33 @@ def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling,
     full = out if compact_input else src
     if full.numel() == 0:
         return
-    if full.is_cuda:
-        device = full.device.index if full.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device).cuda_stream
-    else:
-        device, stream = -1, 0
+    device, stream = _device_and_stream(full)
     _core.run_raw(
         0 if shortcut is None else shortcut.data_ptr(), src.data_ptr(), out.data_ptr(),
         1, batch, full.numel() // batch, _DTYPE_NAMES[src.dtype], float(survival_prob), True,
         bool(batch_mode), scaling, seed, offset, device, stream,
         compact_input=compact_input, compact_output=not compact_input,
     )
+
+
+def _scatter(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch, checked=False):
+    kept = kept.contiguous()
+    if shortcut is not None:
+        shortcut = shortcut.contiguous()
+        out = torch.empty_like(shortcut)
+    else:
+        out = kept.new_empty((batch,) + tuple(kept.shape[1:]))
+    _launch_compact(shortcut, kept, out, rng, survival_prob, batch_mode, scaling, batch=batch,
+                    compact_input=True, checked=checked)
+    return out
+
+
+def _gather(full, rng, survival_prob, batch_mode, scaling, n_kept, checked=False):
+    full = full.contiguous()
+    out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
+    _launch_compact(None, full, out, rng, survival_prob, batch_mode, scaling,
+                    batch=full.shape[0], compact_input=False, checked=checked)
+    return out
 
 
 @torch.library.custom_op("stochdepth::scatter_kept", mutates_args=())
@@ -90,15 +108,7 @@ def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival
 
     `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
     """
-    kept = kept.contiguous()
-    if shortcut is not None:
-        shortcut = shortcut.contiguous()
-        out = torch.empty_like(shortcut)
-    else:
-        out = kept.new_empty((batch,) + tuple(kept.shape[1:]))
-    _launch_compact(shortcut, kept, out, rng, survival_prob, batch_mode, scaling, batch=batch,
-                    compact_input=True)
-    return out
+    return _scatter(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch)
 
 
 @scatter_kept.register_fake
@@ -112,11 +122,7 @@ def gather_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: boo
     """s * full at the kept samples (dim 0), in order. With scaling "inference" s = 1: a plain
     selection of the kept samples (the branch's input); with the op's scaling, the branch
     output's gradient."""
-    full = full.contiguous()
-    out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
-    _launch_compact(None, full, out, rng, survival_prob, batch_mode, scaling,
-                    batch=full.shape[0], compact_input=False)
-    return out
+    return _gather(full, rng, survival_prob, batch_mode, scaling, n_kept)
 
 
 @gather_kept.register_fake
@@ -173,19 +179,11 @@ _kept_count = torch.compiler.disable(_kept_count_eager)
 # dispatch (tens of microseconds a call in torch 2.13; four calls a block a step), as
 # stochdepth.torch does for the dense op. Compiled and traced code uses the custom ops above.
 
-def _new_full(like, batch):
-    return like.new_empty((batch,) + tuple(like.shape[1:]))
-
-
 class _GatherFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, full, words, survival_prob, batch_mode, scaling, n_kept):
         ctx.args = (words, survival_prob, batch_mode, scaling, full.shape[0], n_kept)
-        full = full.contiguous()
-        out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
-        _launch_compact(None, full, out, words, survival_prob, batch_mode, scaling,
-                        batch=full.shape[0], compact_input=False, checked=True)
-        return out
+        return _gather(full, words, survival_prob, batch_mode, scaling, n_kept, checked=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -199,15 +197,8 @@ class _ScatterFn(torch.autograd.Function):
     def forward(ctx, shortcut, kept, words, survival_prob, batch_mode, scaling, batch):
         ctx.args = (words, survival_prob, batch_mode, scaling, kept.shape[0])
         ctx.has_shortcut = shortcut is not None
-        kept = kept.contiguous()
-        if shortcut is not None:
-            shortcut = shortcut.contiguous()
-            out = torch.empty_like(shortcut)
-        else:
-            out = _new_full(kept, batch)
-        _launch_compact(shortcut, kept, out, words, survival_prob, batch_mode, scaling,
-                        batch=batch, compact_input=True, checked=True)
-        return out
+        return _scatter(shortcut, kept, words, survival_prob, batch_mode, scaling, batch,
+                        checked=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -218,14 +209,19 @@ class _ScatterFn(torch.autograd.Function):
         return g_sc, g_kept, None, None, None, None, None
 
 
+def _for_this_rank(words: Tensor, sync_across_ranks: bool) -> Tensor:
+    """[seed, offset] with the seed as this distributed rank uses it (see stochdepth.torch)."""
+    rank = _rank_key(sync_across_ranks)
+    if rank < 0:
+        return words
+    s, o = (w & _M64 for w in words.tolist())
+    return _rng_tensor(rank_seed(s, rank), o)
+
+
 def _call_rng(seed, offset, generator, sync_across_ranks):
     words = _draw_rng(generator) if seed is None else _rng_tensor(_check_u64("seed", seed),
                                                                   _check_u64("offset", offset))
-    rank = _rank_key(sync_across_ranks)
-    if rank >= 0:
-        s, o = (w & _M64 for w in words.tolist())
-        words = _rng_tensor(rank_seed(s, rank), o)
-    return words
+    return _for_this_rank(words, sync_across_ranks)
 
 
 def _residual(x, branch, survival_prob, mode, scaling, rng):
@@ -317,12 +313,8 @@ class StochasticResidual(_SeededMixin, nn.Module):
             words = _draw_rng(None)
         else:
             words = state.clone()
-            state.add_(torch.tensor([0, 1], dtype=torch.int64))
-        rank = _rank_key(self.sync_across_ranks)
-        if rank >= 0:
-            s, o = (w & _M64 for w in words.tolist())
-            words = _rng_tensor(rank_seed(s, rank), o)
-        return words
+            state.add_(_STEP)
+        return _for_this_rank(words, self.sync_across_ranks)
 
     @torch.compiler.disable
     def _step_rng_compiled(self) -> Tensor:

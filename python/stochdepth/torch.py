@@ -235,6 +235,17 @@ def _words(rng: Optional[Tensor]):
     return seed & _M64, offset & _M64
 
 
+def _device_and_stream(t: Tensor):
+    """run_raw's (device, stream): -1 and 0 for the CPU, else the CUDA ordinal and its current
+    stream (the caller's, so that the kernel is ordered with the framework's work)."""
+    if t.is_cuda:
+        device = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return device, torch.cuda.current_stream(device).cuda_stream
+    if t.is_cpu:
+        return -1, 0
+    raise ValueError(f"stochdepth supports CPU and CUDA tensors, got device {t.device}")
+
+
 def _launch(shortcut, src, out, words, survival_prob, training, batch_mode, axis, scaling, rank):
     """run_raw on [outer, batch, inner] views of C-contiguous `src`/`shortcut` into `out`.
 
@@ -252,13 +263,7 @@ def _launch(shortcut, src, out, words, survival_prob, training, batch_mode, axis
         outer, batch = math.prod(shape[:axis]), shape[axis]
         inner = math.prod(shape[axis + 1 :])
     seed, offset = _scalars(words, training, rank)
-    if src.is_cuda:
-        device = src.device.index if src.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(device).cuda_stream
-    elif src.is_cpu:
-        device, stream = -1, 0
-    else:
-        raise ValueError(f"stochdepth supports CPU and CUDA tensors, got device {src.device}")
+    device, stream = _device_and_stream(src)
     _core.run_raw(
         0 if shortcut is None else shortcut.data_ptr(),
         src.data_ptr(),

@@ -244,6 +244,22 @@ py::object new_output(const ArrayView& like, std::optional<int64_t> stream) {
   return new_array(like.shape, like.dtype, like.device, reinterpret_cast<void*>(stream.value_or(0)));
 }
 
+// The output of a call computing from `input`: the caller's `out` (checked against `input`:
+// dtype, shape, layout, writable, device, no overlap) or a fresh one. `view` is set to it.
+py::object output(py::object out, const ArrayView& input, const char* input_name,
+                  std::optional<int64_t> stream, ArrayView& view) {
+  if (out.is_none()) {
+    py::object fresh = new_output(input, stream);
+    view = view_of(fresh, "out", stream);
+    return fresh;
+  }
+  view = view_of(out, "out", stream);
+  check_out(view, input, input_name);
+  check_device(view, input, "out", input_name);
+  if (overlaps(view, input)) value_error(std::string("out must not overlap ") + input_name);
+  return out;
+}
+
 py::object forward(py::object shortcut, py::object residual, py::object survival_prob,
                    py::object training, py::object seed, py::object offset, py::object mode,
                    py::object axis_obj, py::object scaling, py::object out, py::object stream) {
@@ -270,25 +286,16 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
   if (sc) check_device(res, *sc, "residual", "shortcut");
   check_cuda_available(res, "residual");
 
-  std::optional<ArrayView> o;
-  py::object result = out;
-  if (!out.is_none()) {
-    o = view_of(out, "out", c.stream);
-    check_out(*o, res, "residual");
-    check_device(*o, res, "out", "residual");
-    if (overlaps(*o, res)) value_error("out must not overlap residual");
-    if (sc && overlaps(*o, *sc) && o->data != sc->data) {
-      value_error("out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
-    }
-  } else {
-    result = new_output(res, c.stream);
-    o = view_of(result, "out", c.stream);
+  ArrayView o;
+  const py::object result = output(out, res, "residual", c.stream, o);
+  if (sc && overlaps(o, *sc) && o.data != sc->data) {
+    value_error("out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
   }
 
   DropPathParams p = make_params(c, res, axis);
   p.shortcut = sc ? sc->data : nullptr;
   p.input = res.data;
-  p.out = o->data;
+  p.out = o.data;
   run(p, res.device, c.stream);
   return result;
 }
@@ -303,20 +310,11 @@ py::tuple backward(py::object grad_out, py::object survival_prob, py::object tra
   check_layout(g, "grad_out");
   check_cuda_available(g, "grad_out");
 
-  std::optional<ArrayView> o;
-  py::object result = out;
-  if (!out.is_none()) {
-    o = view_of(out, "out", c.stream);
-    check_out(*o, g, "grad_out");
-    check_device(*o, g, "out", "grad_out");
-    if (overlaps(*o, g)) value_error("out must not overlap grad_out");
-  } else {
-    result = new_output(g, c.stream);
-    o = view_of(result, "out", c.stream);
-  }
+  ArrayView o;
+  const py::object result = output(out, g, "grad_out", c.stream, o);
   DropPathParams p = make_params(c, g, axis);
   p.input = g.data;
-  p.out = o->data;
+  p.out = o.data;
   run(p, g.device, c.stream);
   return py::make_tuple(grad_out, result);
 }

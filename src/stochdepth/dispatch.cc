@@ -119,24 +119,23 @@ void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
   active_slot().load()->compute_mask(keep, batch, seed, offset, threshold, batch_mode);
 }
 
-void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],
-                  uint32_t out[4]) {
-  const CpuKernels* k = kernels_for(isa);
-  if (!k) {
-    throw std::invalid_argument("isa must be one of the ISAs this build and CPU support (" +
-                                join(supported_isas()) + "), got '" + isa + "'");
-  }
-  k->philox(counter, key, out);
-}
-
-void set_isa(const std::string& name) {
+namespace {
+const CpuKernels& kernels_or_throw(const std::string& name) {
   const CpuKernels* k = kernels_for(name);
   if (!k) {
     throw std::invalid_argument("isa must be one of the ISAs this build and CPU support (" +
                                 join(supported_isas()) + "), got '" + name + "'");
   }
-  active_slot().store(k);
+  return *k;
 }
+}  // namespace
+
+void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],
+                  uint32_t out[4]) {
+  kernels_or_throw(isa).philox(counter, key, out);
+}
+
+void set_isa(const std::string& name) { active_slot().store(&kernels_or_throw(name)); }
 
 int num_threads() {
   int n = g_threads.load();
