@@ -66,7 +66,8 @@ __global__ void __launch_bounds__(kThreads) compact_kernel(const CompactArgs a) 
   const int64_t cols = min(kTile, a.inner - col0);
   __shared__ bool keep;
   if (threadIdx.x == 0) {
-    keep = keep_sample(a.seed, a.offset, a.batch_mode ? 0 : static_cast<uint64_t>(row), a.threshold);
+    keep =
+        keep_sample(a.seed, a.offset, a.batch_mode ? 0 : static_cast<uint64_t>(row), a.threshold);
   }
   __syncthreads();
   const T* sc = static_cast<const T*>(a.shortcut);
@@ -104,8 +105,12 @@ void launch_compact(const DropPathParams& p, cudaStream_t stream) {
     throw std::invalid_argument("CUDA compact rows need the sample axis first (outer == 1)");
   }
   if (p.numel() == 0) return;
-  CompactArgs a{p.shortcut, p.input, p.out, p.batch, p.inner, (p.inner + kTile - 1) / kTile,
-                p.seed, p.offset, p.threshold, p.scale_f32, p.scale_f64, p.batch_mode,
+  CompactArgs a{p.shortcut,      p.input,
+                p.out,           p.batch,
+                p.inner,         (p.inner + kTile - 1) / kTile,
+                p.seed,          p.offset,
+                p.threshold,     p.scale_f32,
+                p.scale_f64,     p.batch_mode,
                 p.compact_input, p.shortcut != nullptr && p.shortcut == p.out};
   const int64_t blocks = p.batch * a.tiles_per_row;
   if (blocks > INT32_MAX) throw std::invalid_argument("tensor too large for the compact kernel");

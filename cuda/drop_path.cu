@@ -94,8 +94,8 @@ struct DrawCache {
     }
     // Select the word with compares: indexing words.v by a run-time value would put the block in
     // local memory.
-    const uint32_t w = (b & 2) ? ((b & 1) ? words.v[3] : words.v[2])
-                               : ((b & 1) ? words.v[1] : words.v[0]);
+    const uint32_t w =
+        (b & 2) ? ((b & 1) ? words.v[3] : words.v[2]) : ((b & 1) ? words.v[1] : words.v[0]);
     return static_cast<uint64_t>(w) < threshold;
   }
 };
@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(kThreads) drop_path_kernel(const KernelArgs a)
   const T* sc = static_cast<const T*>(a.shortcut);
   const T* __restrict__ in = static_cast<const T*>(a.input);
   T* out = static_cast<T*>(a.out);
-  const C scale = sizeof(C) == sizeof(double) ? static_cast<C>(a.scale_f64)
-                                              : static_cast<C>(a.scale_f32);
+  const C scale =
+      sizeof(C) == sizeof(double) ? static_cast<C>(a.scale_f64) : static_cast<C>(a.scale_f32);
 
   const int64_t tile_start = static_cast<int64_t>(blockIdx.x) * kTile - a.lead;
   const int64_t first = tile_start > 0 ? tile_start : 0;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) drop_path_kernel(const KernelArgs a)
 
   // Local row of element offset `off` (0 <= off < inner + kTile) from row r0's start.
   auto local_row = [&](int64_t off) -> int64_t {
-    if (a.inner >= kTile) return off >= a.inner ? 1 : 0;  // off < 2 * inner
+    if (a.inner >= kTile) return off >= a.inner ? 1 : 0;                 // off < 2 * inner
     return static_cast<uint32_t>(off) / static_cast<uint32_t>(a.inner);  // off < 2 * kTile
   };
   auto keep_at = [&](int64_t idx) -> bool {
@@ -367,8 +367,7 @@ void launch_drop_path(const DropPathParams& p, cudaStream_t stream) {
   if (vector) {
     a.lead = static_cast<int64_t>(mis / sizeof(T));
     const int64_t tile = int64_t{kThreads} * kChunksPerThread * kV;
-    drop_path_kernel<T, kV>
-        <<<grid_for(a.numel + a.lead, tile, "tensor"), kThreads, 0, stream>>>(a);
+    drop_path_kernel<T, kV><<<grid_for(a.numel + a.lead, tile, "tensor"), kThreads, 0, stream>>>(a);
   } else {
     a.lead = 0;
     const int64_t tile = int64_t{kThreads} * kChunksPerThread;
@@ -394,8 +393,8 @@ int cuda_device_count() {
 
 void drop_path_cuda(const DropPathParams& params, int device, void* stream) {
   if (params.numel() == 0) return;
-  if (params.input == nullptr || params.out == nullptr || params.batch <= 0 ||
-      params.inner <= 0 || params.outer <= 0) {
+  if (params.input == nullptr || params.out == nullptr || params.batch <= 0 || params.inner <= 0 ||
+      params.outer <= 0) {
     throw std::invalid_argument("drop_path_cuda: null pointer or non-positive extent");
   }
   DeviceGuard guard(device);

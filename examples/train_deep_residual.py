@@ -26,10 +26,10 @@ import sys
 import time
 
 import torch
+from stochdepth.torch import StochasticDepth, StochasticResidual
 from torch import nn
 
 import stochdepth
-from stochdepth.torch import StochasticDepth, StochasticResidual
 
 
 def survival_schedule(blocks: int, last_p: float) -> list[float]:
@@ -114,7 +114,7 @@ def main(argv=None):
     data = make_data(args.batch * 8, args.n_in, args.n_out, seed=args.seed + 1)
     results = {}
     # Alternate the variants twice so that drift in machine load hits both alike.
-    for rnd in range(2):
+    for _rnd in range(2):
         for name, skip in (("dense", False), ("skip", True)):
             losses, times = train(skip, args, schedule, data)
             r = results.setdefault(name, {"losses": losses, "step_ms": []})

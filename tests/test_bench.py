@@ -118,7 +118,8 @@ def test_custom_cases_without_torch(tmp_path):
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_quick_small_cpu_with_compile(tmp_path):
     """The torch.compile rows: numbers, or a recorded reason why compiling failed here."""
-    data, _ = run_bench(tmp_path, "--quick", "--cases", "small", "--no-keras", "--ops", "fwd,fwd_out,bwd",
+    data, _ = run_bench(tmp_path, "--quick", "--cases", "small", "--no-keras",
+                        "--ops", "fwd,fwd_out,bwd",
                         timeout=900)
     check_common(data)
     for op_res in data["cases"][0]["ops"].values():

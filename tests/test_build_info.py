@@ -54,6 +54,7 @@ def test_import_does_not_import_frameworks():
     import subprocess
     import sys
 
-    code = "import sys, stochdepth; print(sorted(m for m in ('torch','keras','jax','tensorflow') if m in sys.modules))"
+    code = ("import sys, stochdepth; "
+            "print(sorted(m for m in ('torch','keras','jax','tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -37,7 +37,8 @@ def _geometry(shape, axis):
     return outer, shape[axis], inner
 
 
-SHAPES = [((33, 7), 0), ((5, 40), 0), ((2, 9, 64), 1), ((1, 3), 0), ((64, 3, 5), 0), ((16, 1000), 0)]
+SHAPES = [((33, 7), 0), ((5, 40), 0), ((2, 9, 64), 1), ((1, 3), 0), ((64, 3, 5), 0),
+          ((16, 1000), 0)]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -45,7 +46,8 @@ SHAPES = [((33, 7), 0), ((5, 40), 0), ((2, 9, 64), 1), ((1, 3), 0), ((64, 3, 5),
 def test_scatter_and_gather_match_reference(isa, threads, dtype, shape, axis):
     rng = np.random.default_rng(7)
     for p, mode, scaling, single, in_place in itertools.product(
-            (0.0, 0.5, 1.0), ("row", "batch"), ("inference", "training"), (False, True), (False, True)):
+            (0.0, 0.5, 1.0), ("row", "batch"), ("inference", "training"), (False, True),
+            (False, True)):
         kw = dict(seed=99, offset=3, mode=mode, axis=axis, scaling=scaling)
         keep = reference.mask(shape[axis], p, seed=99, offset=3, mode=mode)
         kept_shape = list(shape)
@@ -62,12 +64,14 @@ def test_scatter_and_gather_match_reference(isa, threads, dtype, shape, axis):
             out = shortcut.copy() if in_place else np.full(shape, np.nan, dtype)
             sc_ptr = out.ctypes.data if in_place else shortcut.ctypes.data
         _core.run_raw(sc_ptr, kept.ctypes.data, out.ctypes.data, outer, batch, inner,
-                      DTYPES[dtype], p, True, mode == "batch", scaling, 99, 3, -1, 0,
+                      getattr(_core.DType, DTYPES[dtype]), p, True, mode == "batch",
+                      getattr(_core.Scaling, scaling), 99, 3, -1, 0,
                       compact_input=True)
         if single:
             # single-input compact: out = s * kept_residual at kept rows, 0 elsewhere
             expected = reference.forward_kept(np.zeros_like(shortcut), kept, p, **kw)
-            expected = np.where(np.expand_dims(keep, tuple(i for i in range(len(shape)) if i != axis)),
+            other_axes = tuple(i for i in range(len(shape)) if i != axis)
+            expected = np.where(np.expand_dims(keep, other_axes),
                                 expected, np.zeros_like(expected))
             np.testing.assert_array_equal(out.astype(np.float64), expected.astype(np.float64))
         else:
@@ -76,7 +80,8 @@ def test_scatter_and_gather_match_reference(isa, threads, dtype, shape, axis):
         grad_out = rng.standard_normal(shape).astype(dtype)
         grad_kept = np.full(kept_shape, np.nan, dtype)
         _core.run_raw(0, grad_out.ctypes.data, grad_kept.ctypes.data, outer, batch, inner,
-                      DTYPES[dtype], p, True, mode == "batch", scaling, 99, 3, -1, 0,
+                      getattr(_core.DType, DTYPES[dtype]), p, True, mode == "batch",
+                      getattr(_core.Scaling, scaling), 99, 3, -1, 0,
                       compact_output=True)
         np.testing.assert_array_equal(grad_kept.view(np.uint8),
                                       reference.backward_kept(grad_out, p, **kw).view(np.uint8))
@@ -85,8 +90,9 @@ def test_scatter_and_gather_match_reference(isa, threads, dtype, shape, axis):
 def test_compact_rows_reject_inference_and_two_compact_sides():
     x = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match="compact"):
-        _core.run_raw(0, x.ctypes.data, x.ctypes.data, 1, 4, 3, "float32", 0.5, False, False,
-                      "inference", 0, 0, -1, 0, compact_input=True)
+        _core.run_raw(0, x.ctypes.data, x.ctypes.data, 1, 4, 3, _core.DType.float32, 0.5, False,
+                      False, _core.Scaling.inference, 0, 0, -1, 0, compact_input=True)
     with pytest.raises(ValueError, match="compact"):
-        _core.run_raw(x.ctypes.data, x.ctypes.data, x.ctypes.data, 1, 4, 3, "float32", 0.5, True,
-                      False, "inference", 0, 0, -1, 0, compact_output=True)
+        _core.run_raw(x.ctypes.data, x.ctypes.data, x.ctypes.data, 1, 4, 3, _core.DType.float32,
+                      0.5,
+                      True, False, _core.Scaling.inference, 0, 0, -1, 0, compact_output=True)

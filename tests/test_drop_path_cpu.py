@@ -700,7 +700,8 @@ def test_run_raw_matches_reference(isa, threads, dtype, scaling):
             res = misaligned(random_array(rng, shape, dtype))
             want = reference.forward(sc, res, 0.7, **kw)
             want1 = reference.forward(None, res, 0.7, **kw)
-            args = (outer, batch, inner, _dtype_name(dtype), 0.7, training, False, scaling,
+            args = (outer, batch, inner, getattr(stochdepth._core.DType, _dtype_name(dtype)), 0.7,
+                    training, False, getattr(stochdepth._core.Scaling, scaling),
                     2**64 - 3, 5, -1, 0)
             out = misaligned(filled_like(sc))
             run_raw(sc.ctypes.data, res.ctypes.data, out.ctypes.data, *args)

@@ -10,6 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from sd_testutil import (
     DTYPES,
     SUPPORTED_ISAS,
@@ -22,8 +24,6 @@ from sd_testutil import (
     use_isa,
     use_threads,
 )
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 
 import stochdepth
 from stochdepth import reference

@@ -6,10 +6,14 @@ Sanitizers. The whole suite also runs under AddressSanitizer + UndefinedBehavior
 extension is built with the CMake option STOCHDEPTH_SANITIZE=ON into a build folder of its own,
 and Python runs with the ASan runtime preloaded (Python itself is not instrumented, and its
 deliberate leaks at exit are not ours, hence detect_leaks=0; the RSS tests skip themselves under
-ASan, whose quarantine keeps freed memory). One line, from the repository root,
+ASan, whose quarantine keeps freed memory). One command, from the repository root,
 in an environment that has the test dependencies (afterwards, reinstall without the option):
 
-    pip install --no-build-isolation -e . -Ccmake.define.STOCHDEPTH_SANITIZE=ON -Cbuild-dir=build/asan && LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 python -m pytest -q -p no:cacheprovider tests
+    pip install --no-build-isolation -e . -Ccmake.define.STOCHDEPTH_SANITIZE=ON \
+        -Cbuild-dir=build/asan && \
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+        python -m pytest -q -p no:cacheprovider tests
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from sd_testutil import F32, BF16, assert_bits_equal, random_array, use_threads
+from sd_testutil import BF16, F32, assert_bits_equal, random_array, use_threads
 
 import stochdepth
 from stochdepth import reference
@@ -85,7 +89,7 @@ def test_concurrent_python_threads_match_reference(lib_threads):
             outs = list(pool.map(worker, range(4)))
     for k in range(4):
         assert len(outs[k]) == 50
-        for (sc, res, kw, want_f, want_b), (got_f, got_b, got_m) in zip(jobs[k::4], outs[k]):
+        for (_sc, res, kw, want_f, want_b), (got_f, got_b, got_m) in zip(jobs[k::4], outs[k]):
             assert_bits_equal(got_f, want_f, str(kw))
             assert_bits_equal(got_b, want_b, str(kw))
             np.testing.assert_array_equal(

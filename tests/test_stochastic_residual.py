@@ -5,9 +5,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import stochdepth  # noqa: E402
 import stochdepth.torch as st  # noqa: E402
 from torch import nn  # noqa: E402
+
+import stochdepth  # noqa: E402
 
 
 class Recorder(nn.Module):
@@ -61,7 +62,8 @@ def test_branch_sees_only_kept_samples_and_a_dropped_batch_skips_it():
     st.stochastic_residual(x, branch, 0.5, seed=3, offset=4)
     assert branch.seen == [int(stochdepth.mask(64, 0.5, seed=3, offset=4).sum())]
     # find an offset whose "batch" draw drops the whole batch: the branch must not run
-    offset = next(o for o in range(100) if not stochdepth.mask(1, 0.5, seed=3, offset=o, mode="batch")[0])
+    offset = next(o for o in range(100)
+                  if not stochdepth.mask(1, 0.5, seed=3, offset=o, mode="batch")[0])
     branch.seen.clear()
     out = st.stochastic_residual(x, branch, 0.5, seed=3, offset=offset, mode="batch")
     assert branch.seen == [] and torch.equal(out, x)
@@ -140,7 +142,7 @@ def test_torch_compile_matches_eager_with_at_most_one_break_per_block():
 
 
 def test_ops_check_the_kept_row_count_against_the_mask():
-    from stochdepth._torch_residual import gather_kept, scatter_kept
+    from stochdepth.torch.residual import gather_kept, scatter_kept
 
     rng = torch.tensor([5, 0])
     n_kept = int(stochdepth.mask(16, 0.5, seed=5, offset=0).sum())
@@ -152,7 +154,7 @@ def test_ops_check_the_kept_row_count_against_the_mask():
 
 
 def test_opcheck_on_the_compact_ops():
-    from stochdepth._torch_residual import gather_kept, scatter_kept
+    from stochdepth.torch.residual import gather_kept, scatter_kept
 
     rng = torch.tensor([5, 0])
     n_kept = int(stochdepth.mask(16, 0.5, seed=5, offset=0).sum())

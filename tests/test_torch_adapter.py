@@ -18,8 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import stochdepth  # noqa: E402
 import stochdepth.torch as sdt  # noqa: E402
+
+import stochdepth  # noqa: E402
 from stochdepth import reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -525,7 +526,7 @@ def _compare_models(make_ours, make_formula, x):
         out_o.backward(grad)
         out_t.backward(grad)
         assert_same(xo.grad, xt.grad)
-        for (name, po), pt in zip(ours.named_parameters(), theirs.parameters()):
+        for (_name, po), pt in zip(ours.named_parameters(), theirs.parameters()):
             assert_same(po.grad, pt.grad)
     return ours
 

@@ -71,10 +71,10 @@ def _worker(rank, world, port, outdir):
 
 
 def test_two_ranks_independent_by_default_identical_when_synced(tmp_path):
+    import stochdepth.torch as sdt
     import torch.multiprocessing as mp
 
     import stochdepth
-    import stochdepth.torch as sdt
 
     ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
                              join=False, start_method="spawn")

@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 _core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
-_core.get_isa()  # reads STOCHDEPTH_CPU now: an unknown or unsupported ISA fails the import (ValueError)
+# Reads STOCHDEPTH_CPU now: an unknown or unsupported ISA fails the import (ValueError).
+_core.get_isa()
 
 
 def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0, mode="row",
@@ -68,7 +69,7 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0,
 
 def backward(grad_out, survival_prob, *, training=True, seed, offset=0, mode="row", axis=0,
              scaling="inference", out=None, stream=None):
-    """Gradients of `forward` for the same (seed, offset, mode, ...): ``(grad_shortcut, grad_residual)``.
+    """Gradients of `forward` for the same arguments: ``(grad_shortcut, grad_residual)``.
 
     grad_shortcut is `grad_out` itself (the same object, no copy). grad_residual is
     ``s * grad_out`` for kept samples and exact zeros for dropped ones (grad_out is not read
@@ -79,7 +80,7 @@ def backward(grad_out, survival_prob, *, training=True, seed, offset=0, mode="ro
 
 
 def mask(batch, survival_prob, *, seed, offset=0, mode="row"):
-    """The keep mask that `forward` uses for these arguments: a bool NumPy array of shape (batch,)."""
+    """The keep mask `forward` uses for these arguments: a bool NumPy array of shape (batch,)."""
     return _core.mask(batch, survival_prob, seed, offset, mode)
 
 

@@ -36,14 +36,19 @@ bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strides_elem
 DType dtype_from_numpy(const py::dtype& dt, const char* name) {
   if (dt.kind() == 'f') {
     switch (dt.itemsize()) {
-      case 2: return DType::kFloat16;
-      case 4: return DType::kFloat32;
-      case 8: return DType::kFloat64;
+      case 2:
+        return DType::kFloat16;
+      case 4:
+        return DType::kFloat32;
+      case 8:
+        return DType::kFloat64;
     }
   }
   if (bf16_dtype() && dt.equal(bf16_dtype())) return DType::kBFloat16;
-  type_error(std::string(name) + " must have a floating dtype (float16, bfloat16, float32 or "
-             "float64), got " + std::string(py::str(dt)));
+  type_error(std::string(name) +
+             " must have a floating dtype (float16, bfloat16, float32 or "
+             "float64), got " +
+             std::string(py::str(dt)));
 }
 
 DType dtype_from_dlpack(DLDataType t, const char* name) {
@@ -55,14 +60,16 @@ DType dtype_from_dlpack(DLDataType t, const char* name) {
   }
   static const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
   const std::string kind = t.code < 7 ? codes[t.code] : "code " + std::to_string(t.code);
-  type_error(std::string(name) + " must have a floating dtype (float16, bfloat16, float32 or "
-             "float64), got DLPack " + kind + std::to_string(t.bits) +
-             (t.lanes != 1 ? "x" + std::to_string(t.lanes) : ""));
+  type_error(std::string(name) +
+             " must have a floating dtype (float16, bfloat16, float32 or "
+             "float64), got DLPack " +
+             kind + std::to_string(t.bits) + (t.lanes != 1 ? "x" + std::to_string(t.lanes) : ""));
 }
 
 Device device_from_dlpack(DLDevice d, const char* name) {
   if (d.device_type == kDLCPU || d.device_type == kDLCUDAHost) return {DeviceKind::kCPU, 0};
-  if (d.device_type == kDLCUDA || d.device_type == kDLCUDAManaged) return {DeviceKind::kCUDA, d.device_id};
+  if (d.device_type == kDLCUDA || d.device_type == kDLCUDAManaged)
+    return {DeviceKind::kCUDA, d.device_id};
   value_error(std::string(name) + " must be on the CPU or a CUDA device, got DLPack device type " +
               std::to_string(d.device_type));
 }
@@ -159,10 +166,14 @@ void capsule_destructor(PyObject* cap) {
 
 DLDataType dl_dtype(DType d) {
   switch (d) {
-    case DType::kFloat16: return {kDLFloat, 16, 1};
-    case DType::kBFloat16: return {kDLBfloat, 16, 1};
-    case DType::kFloat32: return {kDLFloat, 32, 1};
-    case DType::kFloat64: return {kDLFloat, 64, 1};
+    case DType::kFloat16:
+      return {kDLFloat, 16, 1};
+    case DType::kBFloat16:
+      return {kDLBfloat, 16, 1};
+    case DType::kFloat32:
+      return {kDLFloat, 32, 1};
+    case DType::kFloat64:
+      return {kDLFloat, 64, 1};
   }
   return {kDLFloat, 32, 1};
 }
@@ -189,9 +200,12 @@ py::capsule to_dlpack(const Array& a) {
 
 py::object numpy_dtype(DType d) {
   switch (d) {
-    case DType::kFloat16: return py::dtype("float16");
-    case DType::kFloat32: return py::dtype("float32");
-    case DType::kFloat64: return py::dtype("float64");
+    case DType::kFloat16:
+      return py::dtype("float16");
+    case DType::kFloat32:
+      return py::dtype("float32");
+    case DType::kFloat64:
+      return py::dtype("float64");
     case DType::kBFloat16:
       if (!bf16_dtype()) throw py::type_error("bfloat16 needs ml_dtypes (pip install ml_dtypes)");
       return bf16_dtype();
@@ -210,7 +224,8 @@ std::vector<py::ssize_t> c_strides(const std::vector<int64_t>& shape, size_t ite
 }
 
 // A NumPy array viewing `buffer`, keeping it alive through a capsule base.
-py::array numpy_view(const std::shared_ptr<Buffer>& buffer, const std::vector<int64_t>& shape, DType dtype) {
+py::array numpy_view(const std::shared_ptr<Buffer>& buffer, const std::vector<int64_t>& shape,
+                     DType dtype) {
   auto* owner = new std::shared_ptr<Buffer>(buffer);
   py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<Buffer>*>(p); });
   return py::array(py::dtype::from_args(numpy_dtype(dtype)),
@@ -250,10 +265,14 @@ int64_t ArrayView::numel() const { return product(shape); }
 
 const char* dtype_name(DType d) {
   switch (d) {
-    case DType::kFloat16: return "float16";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat32: return "float32";
-    case DType::kFloat64: return "float64";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat64:
+      return "float64";
   }
   return "?";
 }
@@ -267,7 +286,8 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 void register_bfloat16(py::object dtype) { bf16_dtype() = std::move(dtype); }
 
 ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> stream) {
-  if (py::isinstance<py::array>(obj)) return view_numpy(py::reinterpret_borrow<py::array>(obj), name);
+  if (py::isinstance<py::array>(obj))
+    return view_numpy(py::reinterpret_borrow<py::array>(obj), name);
   if (py::isinstance<Array>(obj)) {
     const Array& a = obj.cast<const Array&>();
     ArrayView v;
@@ -281,7 +301,8 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
   if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
     return view_dlpack(obj, name, stream);
   }
-  type_error(std::string(name) + " must be a NumPy array or a DLPack producer (torch, JAX, CuPy), got " +
+  type_error(std::string(name) +
+             " must be a NumPy array or a DLPack producer (torch, JAX, CuPy), got " +
              type_name(obj));
 }
 
@@ -293,7 +314,8 @@ py::array new_numpy(const std::vector<int64_t>& shape, DType dtype) {
 
 py::object new_array(const std::vector<int64_t>& shape, DType dtype, Device device, void* stream) {
   Array a;
-  a.buffer = std::make_shared<Buffer>(static_cast<size_t>(product(shape)) * dtype_size(dtype), device, stream);
+  a.buffer = std::make_shared<Buffer>(static_cast<size_t>(product(shape)) * dtype_size(dtype),
+                                      device, stream);
   a.shape = shape;
   a.dtype = dtype;
   return py::cast(std::move(a));
@@ -304,41 +326,55 @@ void bind_array(py::module_& m) {
 An array that stochdepth allocated for a DLPack input: pass it to torch.from_dlpack,
 cupy.from_dlpack, jax.dlpack.from_dlpack or np.from_dlpack (no copy), or call .numpy()
 (CPU only, bfloat16 included).)doc")
-      .def_property_readonly("shape", [](const Array& a) {
-        py::tuple t(a.shape.size());
-        for (size_t i = 0; i < a.shape.size(); ++i) t[i] = py::int_(a.shape[i]);
-        return t;
-      })
+      .def_property_readonly("shape",
+                             [](const Array& a) {
+                               py::tuple t(a.shape.size());
+                               for (size_t i = 0; i < a.shape.size(); ++i)
+                                 t[i] = py::int_(a.shape[i]);
+                               return t;
+                             })
       .def_property_readonly("dtype", [](const Array& a) { return dtype_name(a.dtype); })
       .def_property_readonly("device", [](const Array& a) { return a.buffer->device.str(); })
       .def_property_readonly("nbytes", [](const Array& a) { return a.buffer->bytes; })
-      .def("__dlpack__", [](const Array& a, py::object /*stream*/, py::object /*max_version*/,
-                            py::object dl_device, py::object copy) {
-             // Our kernels ran on the stream the caller named; the consumer orders after it.
-             if (!copy.is_none() && copy.cast<bool>()) throw py::buffer_error("stochdepth.Array: copy=True is not supported");
-             (void)dl_device;
-             return to_dlpack(a);
-           },
-           py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
-           py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
-      .def("__dlpack_device__", [](const Array& a) {
-        return py::make_tuple(static_cast<int>(a.buffer->device.kind), a.buffer->device.id);
-      })
-      .def("numpy", [](const Array& a) {
-        if (a.buffer->device.kind != DeviceKind::kCPU) {
-          throw py::value_error("Array.numpy() needs a CPU array, this one is on " + a.buffer->device.str());
-        }
-        return numpy_view(a.buffer, a.shape, a.dtype);
-      }, "A NumPy view of this CPU array (no copy).")
-      .def("__array__", [](const Array& a, py::object dtype, py::object copy) {
-        if (a.buffer->device.kind != DeviceKind::kCPU) {
-          throw py::value_error("cannot convert a " + a.buffer->device.str() + " Array to NumPy");
-        }
-        py::object arr = numpy_view(a.buffer, a.shape, a.dtype);
-        if (!dtype.is_none()) arr = arr.attr("astype")(dtype);
-        if (!copy.is_none() && copy.cast<bool>()) arr = arr.attr("copy")();
-        return arr;
-      }, py::arg("dtype") = py::none(), py::arg("copy") = py::none())
+      .def(
+          "__dlpack__",
+          [](const Array& a, py::object /*stream*/, py::object /*max_version*/,
+             py::object dl_device, py::object copy) {
+            // Our kernels ran on the stream the caller named; the consumer orders after it.
+            if (!copy.is_none() && copy.cast<bool>())
+              throw py::buffer_error("stochdepth.Array: copy=True is not supported");
+            (void)dl_device;
+            return to_dlpack(a);
+          },
+          py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
+          py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__",
+           [](const Array& a) {
+             return py::make_tuple(static_cast<int>(a.buffer->device.kind), a.buffer->device.id);
+           })
+      .def(
+          "numpy",
+          [](const Array& a) {
+            if (a.buffer->device.kind != DeviceKind::kCPU) {
+              throw py::value_error("Array.numpy() needs a CPU array, this one is on " +
+                                    a.buffer->device.str());
+            }
+            return numpy_view(a.buffer, a.shape, a.dtype);
+          },
+          "A NumPy view of this CPU array (no copy).")
+      .def(
+          "__array__",
+          [](const Array& a, py::object dtype, py::object copy) {
+            if (a.buffer->device.kind != DeviceKind::kCPU) {
+              throw py::value_error("cannot convert a " + a.buffer->device.str() +
+                                    " Array to NumPy");
+            }
+            py::object arr = numpy_view(a.buffer, a.shape, a.dtype);
+            if (!dtype.is_none()) arr = arr.attr("astype")(dtype);
+            if (!copy.is_none() && copy.cast<bool>()) arr = arr.attr("copy")();
+            return arr;
+          },
+          py::arg("dtype") = py::none(), py::arg("copy") = py::none())
       .def("__repr__", [](const Array& a) {
         return "stochdepth.Array(shape=" + shape_str(a.shape) + ", dtype=" + dtype_name(a.dtype) +
                ", device=" + a.buffer->device.str() + ")";

@@ -34,9 +34,9 @@ bool is_bool(py::handle obj) {
 // ---- scalar arguments
 
 double survival_prob_arg(py::handle obj) {
-  if (is_bool(obj) || !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr()) ||
-                        py::hasattr(obj, "__float__")) || PyComplex_Check(obj.ptr()) ||
-      py::isinstance<py::str>(obj)) {
+  if (is_bool(obj) ||
+      !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr()) || py::hasattr(obj, "__float__")) ||
+      PyComplex_Check(obj.ptr()) || py::isinstance<py::str>(obj)) {
     type_error("survival_prob must be a real number in [0, 1], got " + type_name(obj));
   }
   const double p = PyFloat_AsDouble(obj.ptr());
@@ -59,7 +59,8 @@ int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
   if (!v) throw py::error_already_set();
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow != 0) value_error(std::string(name) + " must be " + expected + ", got " + std::string(py::str(v)));
+  if (overflow != 0)
+    value_error(std::string(name) + " must be " + expected + ", got " + std::string(py::str(v)));
   return x;
 }
 
@@ -112,7 +113,7 @@ std::string str_arg(py::handle obj, const char* name, const char* a, const char*
 
 Scaling scaling_arg(py::handle obj) {
   return str_arg(obj, "scaling", "inference", "training") == "training" ? Scaling::kTraining
-                                                                         : Scaling::kInference;
+                                                                        : Scaling::kInference;
 }
 
 std::optional<int64_t> stream_arg(py::handle obj) {
@@ -142,13 +143,14 @@ bool overlaps(const ArrayView& a, const ArrayView& b) {
 
 void check_layout(const ArrayView& v, const char* name) {
   if (!v.contiguous) {
-    value_error(std::string(name) + " must be C-contiguous (np.ascontiguousarray(x) or "
+    value_error(std::string(name) +
+                " must be C-contiguous (np.ascontiguousarray(x) or "
                 "x.contiguous() make a contiguous copy), got a strided view of shape " +
                 shape_str(v.shape));
   }
   if (!v.aligned) {
-    value_error(std::string(name) + " must be aligned to its " + std::to_string(dtype_size(v.dtype)) +
-                "-byte items, got an unaligned buffer");
+    value_error(std::string(name) + " must be aligned to its " +
+                std::to_string(dtype_size(v.dtype)) + "-byte items, got an unaligned buffer");
   }
 }
 
@@ -166,7 +168,8 @@ void check_out(const ArrayView& out, const ArrayView& like, const char* like_nam
   if (!out.writable) value_error("out must be writable, got a read-only array");
 }
 
-void check_device(const ArrayView& v, const ArrayView& ref, const char* name, const char* ref_name) {
+void check_device(const ArrayView& v, const ArrayView& ref, const char* name,
+                  const char* ref_name) {
   if (!(v.device == ref.device)) {
     value_error(std::string(name) + " must be on the same device as " + ref_name + " (" +
                 ref.device.str() + "), got " + v.device.str());
@@ -241,7 +244,8 @@ DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis
 // A fresh output like `input`: NumPy for NumPy inputs, stochdepth.Array for DLPack inputs.
 py::object new_output(const ArrayView& like, std::optional<int64_t> stream) {
   if (like.is_numpy) return new_numpy(like.shape, like.dtype);
-  return new_array(like.shape, like.dtype, like.device, reinterpret_cast<void*>(stream.value_or(0)));
+  return new_array(like.shape, like.dtype, like.device,
+                   reinterpret_cast<void*>(stream.value_or(0)));
 }
 
 // The output of a call computing from `input`: the caller's `out` (checked against `input`:
@@ -273,7 +277,8 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
                dtype_name(sc->dtype) + " and " + dtype_name(res.dtype));
   }
   // Shapes
-  if (res.shape.empty()) value_error("residual must have rank >= 1 (a sample axis), got a 0-d array");
+  if (res.shape.empty())
+    value_error("residual must have rank >= 1 (a sample axis), got a 0-d array");
   if (sc && sc->shape != res.shape) {
     value_error("residual must have shape " + shape_str(sc->shape) + " like shortcut, got " +
                 shape_str(res.shape));
@@ -289,7 +294,8 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
   ArrayView o;
   const py::object result = output(out, res, "residual", c.stream, o);
   if (sc && overlaps(o, *sc) && o.data != sc->data) {
-    value_error("out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
+    value_error(
+        "out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
   }
 
   DropPathParams p = make_params(c, res, axis);
@@ -323,7 +329,8 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
                py::object mode) {
   const int64_t batch = i64_arg(batch_obj, "batch", "a non-negative integer");
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
-  if (batch > (int64_t{1} << 40)) value_error("batch must be at most 2**40, got " + std::to_string(batch));
+  if (batch > (int64_t{1} << 40))
+    value_error("batch must be at most 2**40, got " + std::to_string(batch));
   const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
                                py::str("inference"), py::none());
   py::array_t<bool> keep(batch);
@@ -332,19 +339,11 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   return std::move(keep);
 }
 
-DType dtype_arg(const std::string& s) {
-  if (s == "float16") return DType::kFloat16;
-  if (s == "bfloat16") return DType::kBFloat16;
-  if (s == "float32") return DType::kFloat32;
-  if (s == "float64") return DType::kFloat64;
-  value_error("dtype must be float16, bfloat16, float32 or float64, got '" + s + "'");
-}
-
 // The adapters' entry: pointers they validated themselves, minimal overhead.
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
-             int64_t inner, const std::string& dtype, double survival_prob, bool training,
-             bool batch_mode, const std::string& scaling, uint64_t seed, uint64_t offset,
-             int device, int64_t stream, bool compact_input, bool compact_output) {
+             int64_t inner, DType dtype, double survival_prob, bool training, bool batch_mode,
+             Scaling scaling, uint64_t seed, uint64_t offset, int device, int64_t stream,
+             bool compact_input, bool compact_output) {
   if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
     value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
   }
@@ -356,17 +355,14 @@ void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, 
   p.outer = outer;
   p.batch = batch;
   p.inner = inner;
-  p.dtype = dtype_arg(dtype);
+  p.dtype = dtype;
   p.training = training;
   p.batch_mode = batch_mode;
   p.seed = seed;
   p.offset = offset;
   p.compact_input = compact_input;
   p.compact_output = compact_output;
-  if (scaling != "training" && scaling != "inference") {
-    value_error("scaling must be 'inference' or 'training', got '" + scaling + "'");
-  }
-  set_scalars(p, survival_prob, scaling == "training" ? Scaling::kTraining : Scaling::kInference);
+  set_scalars(p, survival_prob, scaling);
   if (p.numel() == 0) return;
   py::gil_scoped_release release;
   if (device < 0) {
@@ -379,15 +375,16 @@ void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, 
 void stream_copy(py::object dst, py::object src) {
   ArrayView d = view_of(dst, "dst", std::nullopt), s = view_of(src, "src", std::nullopt);
   if (d.nbytes() != s.nbytes()) {
-    value_error("dst and src must have the same number of bytes, got " + std::to_string(d.nbytes()) +
-                " and " + std::to_string(s.nbytes()));
+    value_error("dst and src must have the same number of bytes, got " +
+                std::to_string(d.nbytes()) + " and " + std::to_string(s.nbytes()));
   }
   check_layout(d, "dst");
   check_layout(s, "src");
   if (!d.writable) value_error("dst must be writable");
   if (overlaps(d, s)) value_error("dst must not overlap src");
   check_device(d, s, "dst", "src");
-  if (d.device.kind != DeviceKind::kCPU) value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
+  if (d.device.kind != DeviceKind::kCPU)
+    value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
   py::gil_scoped_release release;
   stream_copy_cpu(d.data, s.data, d.nbytes());
 }
@@ -397,6 +394,17 @@ void stream_copy(py::object dst, py::object src) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "stochdepth's compiled core. Use the functions of the stochdepth package instead.";
   bind_array(m);
+
+  // Enums, not strings, past this boundary: the adapters convert once (at import), and the
+  // per-call entry run_raw takes the enum values.
+  py::enum_<DType>(m, "DType")
+      .value("float16", DType::kFloat16)
+      .value("bfloat16", DType::kBFloat16)
+      .value("float32", DType::kFloat32)
+      .value("float64", DType::kFloat64);
+  py::enum_<Scaling>(m, "Scaling")
+      .value("inference", Scaling::kInference)
+      .value("training", Scaling::kTraining);
 
   m.def("forward", &forward, py::arg("shortcut"), py::arg("residual"), py::arg("survival_prob"),
         py::arg("training"), py::arg("seed"), py::arg("offset"), py::arg("mode"), py::arg("axis"),
@@ -412,22 +420,28 @@ PYBIND11_MODULE(_core, m) {
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("compact_input") = false, py::arg("compact_output") = false);
   m.def("stream_copy", &stream_copy, py::arg("dst"), py::arg("src"));
-  m.def("stream_copy_raw", [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
-    py::gil_scoped_release release;
-    if (device < 0) {
-      stream_copy_cpu(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
-    } else {
-      stream_copy_cuda(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes, device,
-                       reinterpret_cast<void*>(stream));
-    }
-  }, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("device"), py::arg("stream"));
-  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key,
-                            const std::string& isa) {
-    std::array<uint32_t, 4> out{};
-    philox_block(isa, ctr.data(), key.data(), out.data());
-    return py::make_tuple(out[0], out[1], out[2], out[3]);
-  }, py::arg("counter"), py::arg("key"), py::arg("isa") = "scalar",
-  "One Philox4x32-10 block from the given CPU ISA's code (for the known-answer tests).");
+  m.def(
+      "stream_copy_raw",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
+        py::gil_scoped_release release;
+        if (device < 0) {
+          stream_copy_cpu(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
+        } else {
+          stream_copy_cuda(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
+                           device, reinterpret_cast<void*>(stream));
+        }
+      },
+      py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "philox4x32_10",
+      [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key, const std::string& isa) {
+        std::array<uint32_t, 4> out{};
+        philox_block(isa, ctr.data(), key.data(), out.data());
+        return py::make_tuple(out[0], out[1], out[2], out[3]);
+      },
+      py::arg("counter"), py::arg("key"), py::arg("isa") = "scalar",
+      "One Philox4x32-10 block from the given CPU ISA's code (for the known-answer tests).");
   m.def("register_bfloat16", &register_bfloat16, py::arg("dtype"));
 
   m.def("build_info", [] {

@@ -17,7 +17,7 @@
 namespace stochdepth {
 namespace {
 
-constexpr size_t kLarge = size_t{1} << 20;     // mmap'ed and cached from this size up
+constexpr size_t kLarge = size_t{1} << 20;  // mmap'ed and cached from this size up
 constexpr size_t kHugePage = size_t{2} << 20;
 
 size_t cache_limit() {

@@ -18,10 +18,15 @@ namespace stochdepth {
 namespace avx2 {
 namespace {
 
-struct Half { uint16_t bits; };
-struct BFloat16 { uint16_t bits; };
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
 
-template <class T> struct Vec;
+template <class T>
+struct Vec;
 
 // float, and the half types widened to float: 8 lanes of __m256.
 struct Float8 {
@@ -34,17 +39,21 @@ struct Float8 {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
 };
 
-template <> struct Vec<float> : Float8 {
+template <>
+struct Vec<float> : Float8 {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
 };
 
-template <> struct Vec<Half> : Float8 {
+template <>
+struct Vec<Half> : Float8 {
   static V load(const Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static __m128i round(V v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m128i round(V v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
   static void store(Half* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), round(v)); }
   static void stream(Half* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), round(v)); }
 };
@@ -57,7 +66,8 @@ struct Float8x2 {
   __m256 lo, hi;
 };
 
-template <> struct Vec<BFloat16> {
+template <>
+struct Vec<BFloat16> {
   using C = float;
   using V = Float8x2;
   static constexpr int64_t kWidth = 16;
@@ -75,12 +85,14 @@ template <> struct Vec<BFloat16> {
   static __m256i round8(__m256 v) {
     const __m256i x = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    return _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)),
+                             16);
   }
   static __m256i fix_nan8(__m256 v, __m256i r) {
     const __m256i x = _mm256_castps_si256(v);
-    const __m256i nan = _mm256_or_si256(
-        _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(0x7FC0));
+    const __m256i nan =
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000)),
+                        _mm256_set1_epi32(0x7FC0));
     return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   }
   static __m256i round(V v) {
@@ -93,11 +105,16 @@ template <> struct Vec<BFloat16> {
     }
     return _mm256_packus_epi32(lo, hi);
   }
-  static void store(BFloat16* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round(v)); }
-  static void stream(BFloat16* p, V v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), round(v)); }
+  static void store(BFloat16* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round(v));
+  }
+  static void stream(BFloat16* p, V v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), round(v));
+  }
 };
 
-template <> struct Vec<double> {
+template <>
+struct Vec<double> {
   using C = double;
   using V = __m256d;
   static constexpr int64_t kWidth = 4;
@@ -118,7 +135,8 @@ void copy_bytes(void* dst, const void* src, size_t n, bool stream) {
   }
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-  const size_t head = std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
+  const size_t head =
+      std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
   std::memcpy(d, s, head);
   size_t i = head;
   for (; i + 64 <= n; i += 64) {
@@ -136,7 +154,8 @@ void zero_bytes(void* dst, size_t n, bool stream) {
     return;
   }
   char* d = static_cast<char*>(dst);
-  const size_t head = std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
+  const size_t head =
+      std::min(n, static_cast<size_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64));
   std::memset(d, 0, head);
   size_t i = head;
   const __m256i z = _mm256_setzero_si256();
@@ -156,8 +175,9 @@ void store_fence() { _mm_sfence(); }
 // hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane.
 inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
   lo = _mm256_mullo_epi32(m, c);
-  const __m256i even = _mm256_mul_epu32(m, c);                                          // lanes 0,2,4,6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(m, 32), _mm256_srli_epi64(c, 32));  // 1,3,5,7
+  const __m256i even = _mm256_mul_epu32(m, c);  // lanes 0,2,4,6
+  const __m256i odd =
+      _mm256_mul_epu32(_mm256_srli_epi64(m, 32), _mm256_srli_epi64(c, 32));  // 1,3,5,7
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
@@ -174,8 +194,10 @@ void philox8(__m256i c[4], uint32_t key0, uint32_t key1) {
     __m256i hi0, lo0, hi1, lo1;
     mulhilo8(m0, c[0], hi0, lo0);
     mulhilo8(m1, c[2], hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
+    const __m256i n0 =
+        _mm256_xor_si256(_mm256_xor_si256(hi1, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 =
+        _mm256_xor_si256(_mm256_xor_si256(hi0, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
     c[0] = n0;
     c[1] = lo1;
     c[2] = n2;

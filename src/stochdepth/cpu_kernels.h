@@ -22,8 +22,8 @@ struct CpuKernels {
   const char* name;
   // Elements [begin, end) of the flattened [outer, batch, inner] op (the full, non-compact
   // side). mask.keep[b] is ignored when !params.training. `stream`: non-temporal output stores.
-  void (*run_range)(const DropPathParams& params, const MaskView& mask, int64_t begin,
-                    int64_t end, bool stream);
+  void (*run_range)(const DropPathParams& params, const MaskView& mask, int64_t begin, int64_t end,
+                    bool stream);
   // Bytes [begin, end) of a copy, with the same store policy as the op.
   void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);
   // keep[b] for b in [0, batch): the mask stream of DESIGN.md (mask.h is its definition).

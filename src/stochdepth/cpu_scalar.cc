@@ -12,12 +12,18 @@ namespace stochdepth {
 namespace scalar {
 namespace {
 
-struct Half { uint16_t bits; };
-struct BFloat16 { uint16_t bits; };
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
 
 // Width-1 "vectors": the scalar path is the shared loop with one element per step.
-template <class T> struct Vec;
-template <class T> struct ScalarVec {
+template <class T>
+struct Vec;
+template <class T>
+struct ScalarVec {
   using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
   using V = C;
   static constexpr int64_t kWidth = 1;
@@ -25,22 +31,26 @@ template <class T> struct ScalarVec {
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
 };
-template <> struct Vec<float> : ScalarVec<float> {
+template <>
+struct Vec<float> : ScalarVec<float> {
   static V load(const float* p) { return *p; }
   static void store(float* p, V v) { *p = v; }
   static void stream(float* p, V v) { *p = v; }
 };
-template <> struct Vec<double> : ScalarVec<double> {
+template <>
+struct Vec<double> : ScalarVec<double> {
   static V load(const double* p) { return *p; }
   static void store(double* p, V v) { *p = v; }
   static void stream(double* p, V v) { *p = v; }
 };
-template <> struct Vec<Half> : ScalarVec<Half> {
+template <>
+struct Vec<Half> : ScalarVec<Half> {
   static V load(const Half* p) { return half_to_float(p->bits); }
   static void store(Half* p, V v) { p->bits = float_to_half(v); }
   static void stream(Half* p, V v) { p->bits = float_to_half(v); }
 };
-template <> struct Vec<BFloat16> : ScalarVec<BFloat16> {
+template <>
+struct Vec<BFloat16> : ScalarVec<BFloat16> {
   static V load(const BFloat16* p) { return bf16_to_float(p->bits); }
   static void store(BFloat16* p, V v) { p->bits = float_to_bf16(v); }
   static void stream(BFloat16* p, V v) { p->bits = float_to_bf16(v); }
@@ -69,7 +79,8 @@ void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t ou
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{"scalar", &run_range, &copy_range, &compute_mask_scalar, &philox_scalar};
+  static const CpuKernels k{"scalar", &run_range, &copy_range, &compute_mask_scalar,
+                            &philox_scalar};
   return k;
 }
 

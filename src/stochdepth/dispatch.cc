@@ -62,9 +62,9 @@ const CpuKernels* initial_kernels() {
   if (const char* env = std::getenv("STOCHDEPTH_CPU"); env && *env) {
     const CpuKernels* k = kernels_for(env);
     if (!k) {
-      throw std::invalid_argument(std::string("STOCHDEPTH_CPU=") + env +
-                                  " is not an ISA this build and CPU support; expected one of: " +
-                                  join(supported_isas()));
+      throw std::invalid_argument(
+          std::string("STOCHDEPTH_CPU=") + env +
+          " is not an ISA this build and CPU support; expected one of: " + join(supported_isas()));
     }
     return k;
   }
@@ -80,7 +80,8 @@ int default_threads() {
   if (const char* env = std::getenv("STOCHDEPTH_NUM_THREADS"); env && *env) {
     const int n = std::atoi(env);
     if (n >= 1) return n;
-    throw std::invalid_argument(std::string("STOCHDEPTH_NUM_THREADS must be an integer >= 1, got ") + env);
+    throw std::invalid_argument(
+        std::string("STOCHDEPTH_NUM_THREADS must be an integer >= 1, got ") + env);
   }
   return std::max(1u, std::thread::hardware_concurrency());
 }
@@ -114,8 +115,8 @@ std::vector<std::string> supported_isas() {
 
 std::string active_isa() { return active_slot().load()->name; }
 
-void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                  uint64_t threshold, bool batch_mode) {
+void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,
+                  bool batch_mode) {
   active_slot().load()->compute_mask(keep, batch, seed, offset, threshold, batch_mode);
 }
 
@@ -152,7 +153,9 @@ void set_num_threads(int n) {
 }
 
 int64_t parallel_threshold_bytes() { return g_parallel_threshold.load(); }
-void set_parallel_threshold_bytes(int64_t bytes) { g_parallel_threshold.store(std::max<int64_t>(0, bytes)); }
+void set_parallel_threshold_bytes(int64_t bytes) {
+  g_parallel_threshold.store(std::max<int64_t>(0, bytes));
+}
 
 // ---- running
 
@@ -273,8 +276,9 @@ void drop_path_cpu(const DropPathParams& params) {
     const bool valid = params.training && !(params.compact_input && params.compact_output) &&
                        !(params.compact_output && params.shortcut);
     if (!valid) {
-      throw std::invalid_argument("compact rows need training=True, one compact side, and no "
-                                  "shortcut with a compact output");
+      throw std::invalid_argument(
+          "compact rows need training=True, one compact side, and no "
+          "shortcut with a compact output");
     }
   }
   const CpuKernels* k = active_slot().load();
@@ -298,9 +302,8 @@ void drop_path_cpu(const DropPathParams& params) {
   const int64_t out_bytes = n * static_cast<int64_t>(dtype_size(params.dtype));
   const bool stream = out_bytes >= kStreamThresholdBytes;
   const int threads = threads_for(3 * out_bytes);
-  parallel_for(n, 64, threads, [&](int64_t begin, int64_t end) {
-    k->run_range(params, mask, begin, end, stream);
-  });
+  parallel_for(n, 64, threads,
+               [&](int64_t begin, int64_t end) { k->run_range(params, mask, begin, end, stream); });
 }
 
 void stream_copy_cpu(void* dst, const void* src, size_t bytes) {
@@ -309,7 +312,8 @@ void stream_copy_cpu(void* dst, const void* src, size_t bytes) {
   const bool stream = static_cast<int64_t>(bytes) >= kStreamThresholdBytes;
   parallel_for(static_cast<int64_t>(bytes), 4096, threads_for(2 * static_cast<int64_t>(bytes)),
                [&](int64_t begin, int64_t end) {
-                 k->copy_range(dst, src, static_cast<size_t>(begin), static_cast<size_t>(end), stream);
+                 k->copy_range(dst, src, static_cast<size_t>(begin), static_cast<size_t>(end),
+                               stream);
                });
 }
 

@@ -49,9 +49,9 @@ struct DropPathParams {
   bool training = true;
   bool batch_mode = false;  // one draw (sample index 0) for the whole batch
   uint64_t seed = 0, offset = 0;
-  uint64_t threshold = 0;   // keep iff draw < threshold; set by set_scalars
-  float scale_f32 = 1.0f;   // the scale rounded once to float (f16, bf16, f32 compute)
-  double scale_f64 = 1.0;   // the scale in double (f64 compute)
+  uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
+  float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
+  double scale_f64 = 1.0;  // the scale in double (f64 compute)
   // Skipping the dropped samples' work (StochasticResidual; training only): the rows of `input`
   // (forward, a scatter-add) or of `out` (backward, a gather) hold the kept samples only, in
   // order: [outer, n_kept, inner]. A dropped sample has no row there: its output is the shortcut
@@ -68,8 +68,8 @@ struct DropPathParams {
 void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 
 // keep[b] for b in [0, batch): the mask stream of DESIGN.md.
-void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                  uint64_t threshold, bool batch_mode);
+void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,
+                  bool batch_mode);
 
 // One Philox4x32-10 block computed by the given CPU ISA's code (known-answer tests).
 void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],

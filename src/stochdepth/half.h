@@ -50,7 +50,7 @@ inline uint16_t float_to_half(float f) {
     return sign | r;
   }
   if (ax >= 0x477FF000u) return sign | 0x7C00u;  // rounds past 65504: Inf
-  if (ax >= 0x38800000u) {                        // normal half
+  if (ax >= 0x38800000u) {                       // normal half
     const uint32_t rounded = ax + 0xFFFu + ((ax >> 13) & 1u);
     return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
   }
@@ -69,7 +69,8 @@ inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>
 
 inline uint16_t float_to_bf16(float f) {
   const uint32_t x = float_bits(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>(((x >> 16) & 0x8000u) | 0x7FC0u);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u)
+    return static_cast<uint16_t>(((x >> 16) & 0x8000u) | 0x7FC0u);
   return static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
 

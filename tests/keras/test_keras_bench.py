@@ -10,8 +10,7 @@ import importlib.util
 
 import keras
 import pytest
-
-from stochdepth._keras_bench import keras_adapter_rows
+from stochdepth.bench.keras_rows import keras_adapter_rows
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch",
                                 reason="the Keras bench rows are taken on the torch backend")

@@ -15,9 +15,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from keras import ops
-
-import stochdepth
-from stochdepth import reference
 from stochdepth.keras import (
     KERASFACTORY_CUSTOM_OBJECTS,
     StochasticDepth,
@@ -25,6 +22,9 @@ from stochdepth.keras import (
     kerasfactory_compat,
     load_kerasfactory_model,
 )
+
+import stochdepth
+from stochdepth import reference
 
 BACKEND = keras.backend.backend()
 

@@ -56,7 +56,7 @@ def _keras_is_torch_here():
 def _rows_in_subprocess(shape, dtype, p, reps, device, seed):
     code = (
         "import json, sys\n"
-        "from stochdepth._keras_bench import keras_adapter_rows\n"
+        "from stochdepth.bench.keras_rows import keras_adapter_rows\n"
         f"rows = keras_adapter_rows({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
         f"device={device!r}, seed={int(seed)!r})\n"
         "sys.stdout.write('\\nROWS ' + json.dumps(rows))\n"

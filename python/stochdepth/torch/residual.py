@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _core
-from . import mask as _mask
-from .torch import (
-    _DTYPE_NAMES,
+from .. import _core
+from .. import mask as _mask
+from . import (
+    _CORE_DTYPES,
+    _CORE_SCALINGS,
     _M64,
     _SCALINGS,
     _STEP,
@@ -74,8 +75,8 @@ def _launch_compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling,
     device, stream = _device_and_stream(full)
     _core.run_raw(
         0 if shortcut is None else shortcut.data_ptr(), src.data_ptr(), out.data_ptr(),
-        1, batch, full.numel() // batch, _DTYPE_NAMES[src.dtype], float(survival_prob), True,
-        bool(batch_mode), scaling, seed, offset, device, stream,
+        1, batch, full.numel() // batch, _CORE_DTYPES[src.dtype], float(survival_prob), True,
+        bool(batch_mode), _CORE_SCALINGS[scaling], seed, offset, device, stream,
         compact_input=compact_input, compact_output=not compact_input,
     )
 

@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from stochdepth._bench_util import (
+from stochdepth.bench._util import (
     Progress,
     TimingPlan,
     format_table,
@@ -389,11 +389,11 @@ class CpuCase:
         if impl == "sd_raw":
             run_raw = sd._core.run_raw
             ptrs = (sc.ctypes.data, r.ctypes.data, out.ctypes.data)
-            B, inner, dt = self.B, self.inner, self.dtype_name
+            B, inner, dt = self.B, self.inner, getattr(sd._core.DType, self.dtype_name)
 
             def raw():
                 run_raw(ptrs[0], ptrs[1], ptrs[2], 1, B, inner, dt, p, True, MODE == "batch",
-                        SCALING, SEED, next(self.offsets), -1, 0)
+                        getattr(sd._core.Scaling, SCALING), SEED, next(self.offsets), -1, 0)
 
             return raw, None
         tsc, tr, tout = (getattr(self, n, None) for n in ("t_shortcut", "t_residual", "t_out"))
@@ -606,12 +606,12 @@ class CudaCase:
         if impl == "sd_raw":
             run_raw = sd._core.run_raw
             ptrs = (sc.data_ptr(), r.data_ptr(), out.data_ptr())
-            B, inner, dt = self.B, self.inner, self.dtype_name
+            B, inner, dt = self.B, self.inner, getattr(sd._core.DType, self.dtype_name)
             dev, st = self.device_index, self.stream
 
             def raw():
                 run_raw(ptrs[0], ptrs[1], ptrs[2], 1, B, inner, dt, p, True, MODE == "batch",
-                        SCALING, SEED, next(self.offsets), dev, st)
+                        getattr(sd._core.Scaling, SCALING), SEED, next(self.offsets), dev, st)
 
             return raw
         if impl == "sd_adapter":
@@ -1017,7 +1017,7 @@ def parse_args(argv=None):
 def _keras_rows(p, reps):
     """stochdepth.keras vs kerasfactory's layer on Keras's torch backend (issue 5's rows)."""
     try:
-        from stochdepth._keras_bench import KERASFACTORY_SHAPE, keras_adapter_rows
+        from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, keras_adapter_rows
 
         rows = keras_adapter_rows(KERASFACTORY_SHAPE, "float32", p, reps)
     except Exception as exc:  # noqa: BLE001 - keras or a backend missing: say so, carry on
@@ -1031,7 +1031,9 @@ def _keras_rows(p, reps):
             print(f"  {r['impl']:18s} {r['op']:17s} FAILED: {r['error']}")
             continue
         ref = base.get(r["op"])
-        vs = f"  {ref / r['median_ms']:5.1f}x vs kerasfactory" if ref and r["impl"] != "kerasfactory" else ""
+        vs = ""
+        if ref and r["impl"] != "kerasfactory":
+            vs = f"  {ref / r['median_ms']:5.1f}x vs kerasfactory"
         print(f"  {r['impl']:18s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
     return {"shape": list(KERASFACTORY_SHAPE), "rows": rows}
 
@@ -1048,6 +1050,3 @@ def main(argv=None):
         print(f"\nwrote {args.json}")
     return 1 if failures else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,7 +104,7 @@ import torch
 import torch.distributed as _dist
 from torch import Tensor, nn
 
-from . import _core
+from .. import _core
 
 __all__ = [
     "stochastic_depth",
@@ -127,8 +127,10 @@ _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float64: "float64",
 }
+_CORE_DTYPES = {t: getattr(_core.DType, name) for t, name in _DTYPE_NAMES.items()}
 _MODES = ("row", "batch")
 _SCALINGS = ("inference", "training")
+_CORE_SCALINGS = {name: getattr(_core.Scaling, name) for name in _SCALINGS}
 
 
 # ---- seeds ------------------------------------------------------------------------------------
@@ -271,11 +273,11 @@ def _launch(shortcut, src, out, words, survival_prob, training, batch_mode, axis
         outer,
         batch,
         inner,
-        _DTYPE_NAMES[src.dtype],
+        _CORE_DTYPES[src.dtype],
         float(survival_prob),
         bool(training),
         bool(batch_mode),
-        scaling,
+        _CORE_SCALINGS[scaling],
         seed or 0,
         offset,
         device,
@@ -861,6 +863,6 @@ class TorchvisionStochasticDepth(_SeededMixin, nn.Module):
 
 # StochasticResidual (skips the dropped samples' work) lives in its own file; it builds on the
 # ops and the seed bookkeeping above.
-from ._torch_residual import StochasticResidual, stochastic_residual  # noqa: E402
+from .residual import StochasticResidual, stochastic_residual  # noqa: E402
 
 __all__ += ["StochasticResidual", "stochastic_residual"]
