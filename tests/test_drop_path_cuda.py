@@ -1,4 +1,4 @@
-"""The CUDA kernels against stochdepth.reference and the CPU path, bit for bit (DESIGN.md pins the
+"""The CUDA kernels against stochdepth.reference and the CPU path, bit for bit (docs/design.md pins the
 arithmetic, so no tolerance), through torch.cuda tensors (DLPack) and the raw hook.
 
 Covers: every dtype, mode, scaling, training/inference, axis; the allocating form (the result is

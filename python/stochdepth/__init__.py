@@ -4,7 +4,7 @@
 
 `keep` comes from a counter-based Philox4x32-10 stream keyed by (seed, offset), identical on every
 CPU, GPU and framework; the kernels are hand-written C++ (scalar and AVX2, chosen at run time)
-and CUDA. See README.md for the conventions, and `stochdepth.reference` for the NumPy oracle.
+and CUDA. docs/design.md is the contract; `stochdepth.reference` is the NumPy oracle.
 
 Adapters live in submodules that import their framework lazily: `stochdepth.torch`,
 `stochdepth.keras`. Importing `stochdepth` itself imports neither.
@@ -39,7 +39,7 @@ _core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
 _core.get_isa()
 
 
-def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0, mode="row",
+def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offset=0, mode="row",
             axis=0, scaling="inference", out=None, stream=None):
     """Stochastic depth forward: ``shortcut + keep * s * residual``.
 
@@ -49,7 +49,8 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0,
         survival_prob: p in [0, 1], the probability of keeping a sample's residual.
         training: True draws the mask; False is the inference form ``shortcut + c * residual``.
         seed, offset: the mask is Philox4x32-10 keyed by `seed` with `offset` in the counter
-            (DESIGN.md); any integers in [0, 2**64). `seed` may be None only when training=False.
+            (docs/design.md, "The mask stream"); integers in [0, 2**64). `seed` is needed only
+            when a mask is drawn (training=True).
         mode: "row" (one draw per sample) or "batch" (one draw for the whole batch).
         axis: the sample axis (default 0); any rank >= 1.
         scaling: "inference" (the paper, kerasfactory: s = 1, c = p) or "training" (timm,
@@ -67,7 +68,7 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed, offset=0,
                          scaling, out, stream)
 
 
-def backward(grad_out, survival_prob, *, training=True, seed, offset=0, mode="row", axis=0,
+def backward(grad_out, survival_prob, *, training=True, seed=None, offset=0, mode="row", axis=0,
              scaling="inference", out=None, stream=None):
     """Gradients of `forward` for the same arguments: ``(grad_shortcut, grad_residual)``.
 

@@ -2,9 +2,10 @@
 
 Written for clarity, not speed, and never used as a fallback for a missing kernel: it is the
 yardstick. Every compiled backend (scalar, AVX2, CUDA) must reproduce it bit for bit, because
-DESIGN.md pins the arithmetic: half types load into float32, the scale is 1/p (or p) evaluated
-in float64 and rounded once to the compute type, and out = shortcut + (scale * residual) with the
-multiply and the add rounded separately (NumPy never fuses them).
+the arithmetic is pinned (docs/design.md, "Arithmetic"): half types load into float32, the
+scale is 1/p (or p) evaluated in float64 and rounded once to the compute type, and
+out = shortcut + (scale * residual) with the multiply and the add rounded separately (NumPy
+never fuses them).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _check_u64(name, value):
 
 
 def mask_draws(batch, *, seed, offset=0, mode="row"):
-    """The raw 32-bit draw of each sample (DESIGN.md, "The mask stream"), shape (batch,)."""
+    """The raw 32-bit draw of each sample (docs/design.md, "The mask stream"), shape (batch,)."""
     seed = _check_u64("seed", seed)
     offset = _check_u64("offset", offset)
     if mode not in ("row", "batch"):
