@@ -1,5 +1,6 @@
-"""The CUDA kernels against stochdepth.reference and the CPU path, bit for bit (docs/design.md pins the
-arithmetic, so no tolerance), through torch.cuda tensors (DLPack) and the raw hook.
+"""The CUDA kernels against stochdepth.reference and the CPU path, bit for bit (the arithmetic is
+pinned: docs/design.md, "Arithmetic"; no tolerance), through torch.cuda tensors (DLPack) and the
+raw hook.
 
 Covers: every dtype, mode, scaling, training/inference, axis; the allocating form (the result is
 taken by torch.from_dlpack without a copy and outlives the Array), `out=` poisoned with NaN (every
