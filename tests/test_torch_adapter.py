@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
+from stochdepth.torch import _kernels, _mode, _rng  # noqa: E402
 
 import stochdepth  # noqa: E402
 from stochdepth import reference as ref  # noqa: E402
@@ -108,7 +109,8 @@ def test_axis_single_input_and_inference(axis, training):
 def test_large_cpu_tensors_use_library_buffers_exactly(dtype):
     # >= 4 MiB: outputs come from the library's recycled buffers through DLPack.
     shape = (64, 3, 8192 if dtype == torch.float32 else 16384)
-    assert math.prod(shape) * torch.empty((), dtype=dtype).element_size() >= sdt._LIB_ALLOC_BYTES
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    assert nbytes >= _kernels.LIB_ALLOC_BYTES
     sc = randn(shape, dtype, 1).requires_grad_()
     res = randn(shape, dtype, 2).requires_grad_()
     out = sdt.stochastic_depth(sc, res, 0.7, seed=5, offset=9, scaling="training", axis=1)
@@ -146,7 +148,7 @@ def test_traced_graphs_contain_the_registered_ops():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     x = randn((4, 3))
-    assert sdt._eager_ok(None, x)
+    assert _mode.eager(x)
     gm = make_fx(lambda t: sdt.drop_path(t, 0.5, True, seed=1))(x)
     assert "stochdepth.drop_path_fwd" in gm.code
 
@@ -275,7 +277,7 @@ def test_opcheck():
     rng = torch.tensor([3, 1], dtype=torch.int64)
     torch.library.opcheck(sdt.drop_path_bwd, (g, rng, 0.5, True, False, 0, "training", -1))
     torch.library.opcheck(sdt.drop_path_bwd, (g, None, 0.5, False, False, 0, "inference", -1))
-    torch.library.opcheck(sdt._rng_snapshot, (rng,))
+    torch.library.opcheck(_rng.rng_snapshot, (rng,))
 
 
 def test_gradcheck_float64():
