@@ -125,7 +125,7 @@ def _kept_rng(ctx):
 
 
 def _grad_shortcut(grad: Tensor) -> Tensor:
-    if not torch.is_grad_enabled() and _kernels.use_lib_alloc(grad) and _mode.eager(grad):
+    if _mode.eager(grad) and not torch.is_grad_enabled() and _kernels.use_lib_alloc(grad):
         # A large CPU grad_out handed back as is is shared with the caller, so autograd must
         # copy it (a leaf's .grad, a sum with another branch's gradient) into a fresh torch
         # buffer that page-faults on first touch. A copy in a recycled library buffer is one
