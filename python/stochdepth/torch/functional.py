@@ -1,0 +1,121 @@
+"""The PyTorch adapter's functions: the library's two-input op and drop-in replacements for timm's
+`drop_path` and torchvision's `stochastic_depth` (docs/design.md, "Semantics")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._checks import check_axis, check_mode, check_prob, check_tensor, check_torchvision
+from ._rng import for_call, rank_key
+
+
+def promote(shortcut: Optional[Tensor], residual: Tensor):
+    """Both inputs in `torch.promote_types` of the two, as `shortcut + residual` would be (a
+    float32 shortcut and a bfloat16 branch under autocast give float32)."""
+    check_tensor("residual", residual)
+    if shortcut is None:
+        return None, residual
+    check_tensor("shortcut", shortcut)
+    if shortcut.dtype != residual.dtype:
+        common = torch.promote_types(shortcut.dtype, residual.dtype)
+        return shortcut.to(common), residual.to(common)
+    return shortcut, residual
+
+
+def stochastic_depth(
+    shortcut: Optional[Tensor],
+    residual: Tensor,
+    survival_prob: float,
+    training: bool = True,
+    *,
+    mode: str = "row",
+    scaling: str = "inference",
+    axis: int = 0,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    sync_across_ranks: bool = False,
+) -> Tensor:
+    """Stochastic depth of a residual branch: shortcut + keep[b] * s * residual.
+
+    Args:
+        shortcut: the identity path, or None for the single-input form (keep * s * residual).
+        residual: the branch output, same shape and device as `shortcut`. If the dtypes differ,
+            both are promoted to `torch.promote_types(shortcut.dtype, residual.dtype)`.
+        survival_prob: p, the probability that a sample keeps its residual, in [0, 1].
+        training: draw a mask (True) or apply the inference form (False).
+        mode: "row" (one draw per sample along `axis`) or "batch" (one draw for all).
+        scaling: "inference" (the paper's: s = 1 in training, residual times p at inference) or
+            "training" (timm's and torchvision's: s = 1/p in training, identity at inference).
+        axis: the sample axis (an integer).
+        seed, offset: the Philox key and counter, 64-bit unsigned; None draws both from
+            `generator` (torch's default CPU generator when None).
+        sync_across_ranks: under torch.distributed, use the seed as is on every rank instead of
+            `rank_seed(seed, rank)`.
+
+    Non-contiguous inputs are copied with `.contiguous()`; the result is a new contiguous tensor.
+    A dropped sample's output is the shortcut bit for bit (zeros in the single-input form).
+    """
+    shortcut, residual = promote(shortcut, residual)
+    survival_prob = check_prob("survival_prob", survival_prob)
+    check_mode(mode)
+    axis = check_axis(axis)
+    rng = for_call(seed, offset, generator) if training else None
+    return _ops.forward(shortcut, residual, rng, survival_prob, bool(training), mode == "batch",
+                        axis, scaling, rank_key(sync_across_ranks))
+
+
+def drop_path(
+    x: Tensor,
+    drop_prob: float = 0.0,
+    training: bool = False,
+    scale_by_keep: bool = True,
+    *,
+    mode: str = "row",
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    sync_across_ranks: bool = False,
+) -> Tensor:
+    """timm's `drop_path(x, drop_prob, training, scale_by_keep)`.
+
+    Returns `x` itself when `drop_prob == 0` or not training (as timm does). Otherwise each
+    sample (dim 0) is kept with probability 1 - drop_prob and scaled by 1 / (1 - drop_prob) when
+    `scale_by_keep` (no scaling otherwise, and none at eval either way); dropped samples are 0.
+    """
+    check_tensor("x", x)
+    drop_prob = check_prob("drop_prob", drop_prob)
+    check_mode(mode)
+    if drop_prob == 0.0 or not training:
+        return x
+    return _ops.forward(None, x, for_call(seed, offset, generator), 1.0 - drop_prob, True,
+                        mode == "batch", 0, "training" if scale_by_keep else "inference",
+                        rank_key(sync_across_ranks))
+
+
+def torchvision_stochastic_depth(
+    input: Tensor,
+    p: float,
+    mode: str,
+    training: bool = True,
+    *,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    sync_across_ranks: bool = False,
+) -> Tensor:
+    """torchvision.ops.stochastic_depth(input, p, mode, training): p is the DROP probability.
+
+    Returns `input` itself when not training or p == 0; otherwise keep * input / (1 - p) per row
+    (mode "row") or for the whole batch (mode "batch"), zeros for dropped rows.
+    """
+    check_tensor("input", input)
+    check_torchvision(p, mode)
+    if not training or p == 0.0:
+        return input
+    return _ops.forward(None, input, for_call(seed, offset, generator), 1.0 - float(p), True,
+                        mode == "batch", 0, "training", rank_key(sync_across_ranks))

@@ -1,0 +1,119 @@
+"""The PyTorch adapter's modules: `StochasticDepth` (two inputs) and drop-ins for timm's `DropPath`
+and torchvision's `StochasticDepth`, seeded or not (docs/design.md, "Randomness in the
+adapters")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import _ops
+from ._checks import (
+    check_axis,
+    check_mode,
+    check_prob,
+    check_scaling,
+    check_tensor,
+    check_torchvision,
+)
+from ._rng import SeededMixin, rank_key
+from .functional import promote, torchvision_stochastic_depth
+
+
+class StochasticDepth(SeededMixin, nn.Module):
+    """Two-input stochastic depth: forward(shortcut, residual) = shortcut + keep * s * residual.
+
+    Args:
+        survival_prob: p in [0, 1], the probability of keeping a sample's residual.
+        mode, scaling, axis: as in `stochastic_depth` (default scaling "inference": training
+            adds the kept residuals unscaled, eval adds p * residual).
+        seed: None draws a fresh mask source from torch's generator on every call; an integer
+            gives a reproducible sequence (offset += 1 per training call, kept in state_dict).
+        sync_across_ranks: see `stochastic_depth`.
+    """
+
+    def __init__(self, survival_prob: float, *, mode: str = "row", scaling: str = "inference",
+                 axis: int = 0, seed: Optional[int] = None, sync_across_ranks: bool = False):
+        super().__init__()
+        self.survival_prob = check_prob("survival_prob", survival_prob)
+        check_mode(mode)
+        check_scaling(scaling)
+        self.mode = mode
+        self.scaling = scaling
+        self.axis = check_axis(axis)
+        self._init_rng(seed, sync_across_ranks)
+
+    def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
+        shortcut, residual = promote(shortcut, residual)
+        rng = self._next_rng() if self.training else None
+        return _ops.forward(shortcut, residual, rng, self.survival_prob, self.training,
+                            self.mode == "batch", self.axis, self.scaling,
+                            rank_key(self.sync_across_ranks))
+
+    def extra_repr(self) -> str:
+        return (f"survival_prob={self.survival_prob}, mode={self.mode!r}, "
+                f"scaling={self.scaling!r}, axis={self.axis}{self._seed_repr()}")
+
+
+class DropPath(SeededMixin, nn.Module):
+    """Drop-in for `timm.layers.DropPath(drop_prob, scale_by_keep)`: same constructor,
+    attributes, `extra_repr` and (when unseeded) empty state_dict.
+
+    Extra keyword-only options: `mode` ("row" as timm, or "batch"), `seed` (see
+    `StochasticDepth`) and `sync_across_ranks`.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True, *, mode: str = "row",
+                 seed: Optional[int] = None, sync_across_ranks: bool = False):
+        super().__init__()
+        check_prob("drop_prob", drop_prob)
+        check_mode(mode)
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+        self.mode = mode
+        self._init_rng(seed, sync_across_ranks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        rng = self._next_rng()  # advance even when drop_prob == 0: one offset per training call
+        if self.drop_prob == 0.0:
+            return x
+        check_tensor("x", x)
+        return _ops.forward(None, x, rng, 1.0 - float(self.drop_prob), True, self.mode == "batch",
+                            0, "training" if self.scale_by_keep else "inference",
+                            rank_key(self.sync_across_ranks))
+
+    def extra_repr(self) -> str:
+        # timm's text exactly, plus the seed when one is set.
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}{self._seed_repr()}"
+
+
+class TorchvisionStochasticDepth(SeededMixin, nn.Module):
+    """Drop-in for `torchvision.ops.StochasticDepth(p, mode)` (p = drop probability).
+
+    Same attributes (`p`, `mode`) and repr layout; extra keyword-only `seed` and
+    `sync_across_ranks` as in `StochasticDepth`.
+    """
+
+    def __init__(self, p: float, mode: str, *, seed: Optional[int] = None,
+                 sync_across_ranks: bool = False):
+        super().__init__()
+        self.p = p
+        self.mode = mode
+        self._init_rng(seed, sync_across_ranks)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return torchvision_stochastic_depth(input, self.p, self.mode, False)
+        rng = self._next_rng()
+        check_tensor("input", input)
+        check_torchvision(self.p, self.mode)
+        if self.p == 0.0:
+            return input
+        return _ops.forward(None, input, rng, 1.0 - float(self.p), True, self.mode == "batch", 0,
+                            "training", rank_key(self.sync_across_ranks))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(p={self.p}, mode={self.mode}{self._seed_repr()})"
