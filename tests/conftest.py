@@ -11,7 +11,8 @@ What lives here:
 - `use_isa` / `use_threads` context managers for tests that cannot take fixtures (hypothesis).
 - `bits`, `assert_bits_equal`: exact comparison of bit patterns, so NaN payloads and -0.0 count.
 - `random_array`: values with negatives, subnormals, large magnitudes and signed zeros.
-- `run_python`: run a snippet in a fresh interpreter (import-time env vars, crash-prone inputs).
+- `run_python`: run a snippet in a fresh interpreter (import-time env vars, crash-prone inputs);
+  `junit_outcomes`: what an inner pytest run's JUnit report says, test by test.
 - `fwd`, `bwd`, `arrays`: the binding tests' shorthands (seed 1, p = 0.5, a small float32 pair).
 - STOCHDEPTH_TEST_BLOCK_IMPORTS=torch[,other]: makes `import torch` fail for the whole run, to
   prove which tests need it (tests/test_bindings_without_torch.py).
@@ -29,6 +30,7 @@ import importlib.abc
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 import zlib
 
 import ml_dtypes
@@ -77,6 +79,15 @@ BUILD_INFO = stochdepth.build_info()
 SUPPORTED_ISAS = list(BUILD_INFO["cpu_isas_supported"])
 COMPILED_ISAS = list(BUILD_INFO["cpu_isas_compiled"])
 HAS_CUDA_DEVICE = bool(BUILD_INFO["cuda_compiled"]) and int(BUILD_INFO["cuda_device_count"]) > 0
+
+MODES = ["row", "batch"]
+SCALINGS = ["inference", "training"]
+
+
+def compute_type(dtype):
+    """The type the kernels compute in (docs/design.md, "Arithmetic"): float32 for half types."""
+    return F64 if dtype == F64 else F32
+
 
 # (num_threads, parallel threshold in bytes or None = leave the library's default)
 THREAD_MODES = {"1thread": (1, None), "2threads": (2, 0)}
@@ -289,3 +300,22 @@ def run_python(code, *, env=None, timeout=300):
         text=True,
         timeout=timeout,
     )
+
+
+def junit_outcomes(xml_path):
+    """{module: [(test name, outcome, message)]} from a pytest JUnit XML report; outcome is
+    passed, failure, error, skipped or xfailed. A module skipped at collection is one entry with
+    an empty classname and the module as its name."""
+    by_module = {}
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        module = (case.get("classname") or case.get("name", "")).rpartition(".")[2]
+        outcome, message = "passed", ""
+        for child in case:
+            text = f"{child.get('message', '')} {child.text or ''}".strip()
+            if child.tag in ("failure", "error"):
+                outcome, message = child.tag, text
+            elif child.tag == "skipped":
+                kind = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+                outcome, message = kind, text
+        by_module.setdefault(module, []).append((case.get("name"), outcome, message))
+    return by_module

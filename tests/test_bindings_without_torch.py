@@ -10,9 +10,10 @@ import os
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
+
+from sd_testutil import junit_outcomes
 
 HERE = Path(__file__).resolve().parent
 TORCH_FREE = ["test_bindings.py", "test_bindings_arrays.py", "test_bindings_dlpack.py"]
@@ -26,24 +27,6 @@ ALLOWED_SKIPS = {
 MIN_PASSED = 150
 
 
-def _outcomes(xml_path):
-    """{module: [(test name, outcome, message)]} from a pytest JUnit XML report. A module skipped
-    at collection is one entry with an empty classname and the module as its name."""
-    by_module = {}
-    for case in ET.parse(xml_path).getroot().iter("testcase"):
-        module = (case.get("classname") or case.get("name", "")).rpartition(".")[2]
-        outcome, message = "passed", ""
-        for child in case:
-            text = f"{child.get('message', '')} {child.text or ''}".strip()
-            if child.tag in ("failure", "error"):
-                outcome, message = child.tag, text
-            elif child.tag == "skipped":
-                kind = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-                outcome, message = kind, text
-        by_module.setdefault(module, []).append((case.get("name"), outcome, message))
-    return by_module
-
-
 def test_binding_tests_run_without_torch(tmp_path):
     xml = tmp_path / "junit.xml"
     env = dict(os.environ, STOCHDEPTH_TEST_BLOCK_IMPORTS="torch")
@@ -53,7 +36,7 @@ def test_binding_tests_run_without_torch(tmp_path):
                           timeout=300)
     output = proc.stdout[-6000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output}"
-    by_module = _outcomes(xml)
+    by_module = junit_outcomes(xml)
 
     torch_only = by_module.pop(TORCH_ONLY.removesuffix(".py"), [])
     assert torch_only, f"{TORCH_ONLY} reported nothing\n{output}"
