@@ -311,7 +311,9 @@ def junit_outcomes(xml_path):
         module = (case.get("classname") or case.get("name", "")).rpartition(".")[2]
         outcome, message = "passed", ""
         for child in case:
-            text = f"{child.get('message', '')} {child.text or ''}".strip()
+            text = child.get("message", "")
+            if text in ("", "collection skipped"):  # the reason is then in the element's text
+                text = (child.text or "").strip()
             if child.tag in ("failure", "error"):
                 outcome, message = child.tag, text
             elif child.tag == "skipped":
