@@ -1,18 +1,22 @@
 """Shared fixtures and helpers for the stochdepth test suite.
 
 The suite tests the *installed* package. If `import stochdepth` fails here, every test fails:
-a missing extension must never turn into a green run with zero kernels executed (STYLE.md,
-anti-pattern 4).
+a missing extension must never turn into a green run with zero kernels executed.
 
 What lives here:
 - DTYPES / TOLERANCES: the four dtypes; every backend must match `stochdepth.reference` exactly
-  (DESIGN.md pins the arithmetic), so the tolerance table is all "exact".
+  (docs/design.md, "Arithmetic" pins it), so the tolerance table is all "exact".
 - fixtures `isa` (every ISA this CPU supports), `threads` (1 thread; 2 threads with the
   parallel threshold at 0 so that tiny tensors take the multi-threaded path), `dtype`, `rng`.
 - `use_isa` / `use_threads` context managers for tests that cannot take fixtures (hypothesis).
 - `bits`, `assert_bits_equal`: exact comparison of bit patterns, so NaN payloads and -0.0 count.
 - `random_array`: values with negatives, subnormals, large magnitudes and signed zeros.
-- `run_python`: run a snippet in a fresh interpreter (import-time env vars, crash-prone inputs).
+- `run_python`: run a snippet in a fresh interpreter (import-time env vars, crash-prone inputs);
+  `junit_outcomes`: what an inner pytest run's JUnit report says, test by test.
+- `fwd`, `bwd`, `arrays`: the binding tests' shorthands (seed 1, p = 0.5, a small float32 pair).
+- STOCHDEPTH_TEST_BLOCK_IMPORTS=torch[,other]: makes `import torch` fail for the whole run, to
+  prove which tests need it (tests/test_bindings_without_torch.py).
+- the summary of tests/test_keras_backends.py: the inner runs' skips, per backend.
 
 Test modules import these helpers as `from sd_testutil import ...`: this module registers itself
 under that name, because the name `conftest` is shared with tests/keras/conftest.py and
@@ -22,17 +26,41 @@ under that name, because the name `conftest` is shared with tests/keras/conftest
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-import stochdepth
-from stochdepth import reference
+
+class _BlockImports(importlib.abc.MetaPathFinder):
+    """Makes `import NAME` (and its submodules) fail as if NAME were not installed."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(
+                f"import of {fullname} blocked by STOCHDEPTH_TEST_BLOCK_IMPORTS", name=fullname)
+        return None
+
+
+BLOCKED_IMPORTS = sorted(
+    filter(None, os.environ.get("STOCHDEPTH_TEST_BLOCK_IMPORTS", "").split(",")))
+if BLOCKED_IMPORTS:
+    _already = [m for m in BLOCKED_IMPORTS if m in sys.modules]
+    if _already:  # a finder cannot take back a module that is already imported
+        raise RuntimeError(f"STOCHDEPTH_TEST_BLOCK_IMPORTS: {_already} imported before conftest")
+    sys.meta_path.insert(0, _BlockImports(BLOCKED_IMPORTS))
+
+import stochdepth  # noqa: E402
+from stochdepth import reference  # noqa: E402
 
 sys.modules.setdefault("sd_testutil", sys.modules[__name__])
 
@@ -43,7 +71,7 @@ F64 = np.dtype(np.float64)
 DTYPES = [F16, BF16, F32, F64]
 DTYPE_IDS = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
 
-# Every backend reproduces stochdepth.reference bit for bit (DESIGN.md, "Arithmetic"), half
+# Every backend reproduces stochdepth.reference bit for bit (docs/design.md, "Arithmetic"), half
 # types included: they compute in float32 and round once on store, like the reference.
 TOLERANCES = {F16: "exact", BF16: "exact", F32: "exact", F64: "exact"}
 
@@ -51,6 +79,15 @@ BUILD_INFO = stochdepth.build_info()
 SUPPORTED_ISAS = list(BUILD_INFO["cpu_isas_supported"])
 COMPILED_ISAS = list(BUILD_INFO["cpu_isas_compiled"])
 HAS_CUDA_DEVICE = bool(BUILD_INFO["cuda_compiled"]) and int(BUILD_INFO["cuda_device_count"]) > 0
+
+MODES = ["row", "batch"]
+SCALINGS = ["inference", "training"]
+
+
+def compute_type(dtype):
+    """The type the kernels compute in (docs/design.md, "Arithmetic"): float32 for half types."""
+    return F64 if dtype == F64 else F32
+
 
 # (num_threads, parallel threshold in bytes or None = leave the library's default)
 THREAD_MODES = {"1thread": (1, None), "2threads": (2, 0)}
@@ -64,6 +101,20 @@ def pytest_report_header(config):
         f"cuda_devices={BUILD_INFO.get('cuda_device_count')} "
         f"threads={BUILD_INFO.get('num_threads')}"
     ]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """tests/test_keras_backends.py records each inner run's counts and skips: show them."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            for name, value in getattr(rep, "user_properties", ()):
+                if name == "keras_inner_run" and getattr(rep, "when", "call") == "call":
+                    lines.append(value)
+    if lines:
+        terminalreporter.write_sep("-", "Keras suite per backend (inner runs)")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -213,6 +264,26 @@ def ref_forward(shortcut, residual, p, **kw):
     return reference.forward(shortcut, residual, p, **kw)
 
 
+# ---- the binding tests' shorthands
+
+
+def fwd(shortcut, residual, p=0.5, **kw):
+    kw.setdefault("seed", 1)
+    return stochdepth.forward(shortcut, residual, p, **kw)
+
+
+def bwd(grad_out, p=0.5, **kw):
+    kw.setdefault("seed", 1)
+    return stochdepth.backward(grad_out, p, **kw)
+
+
+def arrays(shape=(4, 5), dtype=F32):
+    """A (shortcut, residual) pair of plain values (no specials), the same on every call."""
+    rng = np.random.default_rng(0)
+    return (random_array(rng, shape, dtype, special=False),
+            random_array(rng, shape, dtype, special=False))
+
+
 # ---- subprocesses
 
 
@@ -229,3 +300,24 @@ def run_python(code, *, env=None, timeout=300):
         text=True,
         timeout=timeout,
     )
+
+
+def junit_outcomes(xml_path):
+    """{module: [(test name, outcome, message)]} from a pytest JUnit XML report; outcome is
+    passed, failure, error, skipped or xfailed. A module skipped at collection is one entry with
+    an empty classname and the module as its name."""
+    by_module = {}
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        module = (case.get("classname") or case.get("name", "")).rpartition(".")[2]
+        outcome, message = "passed", ""
+        for child in case:
+            text = child.get("message", "")
+            if text in ("", "collection skipped"):  # the reason is then in the element's text
+                text = (child.text or "").strip()
+            if child.tag in ("failure", "error"):
+                outcome, message = child.tag, text
+            elif child.tag == "skipped":
+                kind = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+                outcome, message = kind, text
+        by_module.setdefault(module, []).append((case.get("name"), outcome, message))
+    return by_module

@@ -1,0 +1,271 @@
+"""`StochasticDepth`, the Keras 3 layer: a drop-in for `kerasfactory.layers.StochasticDepth`.
+
+Same constructor, call signature, errors, inference formula (`shortcut + survival_prob *
+residual`), `compute_output_shape` and `get_config` keys as kerasfactory 0.1.1 (a tuple of two
+inputs is accepted too), with its bugs fixed: one keep draw per sample at any rank (kerasfactory
+draws per token for rank 3 and fails for rank 5); `seed=0` is a seed; a jitted train step
+draws a fresh mask each step, seeded or not; a dropped sample is the shortcut exactly, its
+residual unread (kerasfactory's `shortcut + 0 * residual` turns Inf into NaN).
+
+On the torch backend the layer calls `stochdepth.torch.stochastic_depth` (the compiled kernels,
+autograd included); elsewhere it draws the mask with `_philox.keep_mask` and combines in
+`keras.ops`. Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` on
+every backend (docs/design.md, "Randomness in the adapters").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+from ._philox import _LO32, _MODES, keep_mask
+
+_SCALINGS = ("inference", "training")
+
+
+# ---- helpers
+
+
+def _check_survival_prob(value):
+    if isinstance(value, np.generic):  # a NumPy scalar: keep get_config() JSON-friendly
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"survival_prob must be a real number in [0, 1], got {type(value).__name__}"
+        )
+    if not 0 <= value <= 1:  # also rejects NaN
+        raise ValueError(f"survival_prob must be in [0, 1], got {value}")
+    return value
+
+
+def _check_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be None or an integer in [0, 2**64), got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed}")
+    return seed
+
+
+def _seed_state_value(seed_lo, dtype):
+    """The value that a SeedGenerator state of `dtype` holds for the 32-bit word seed_lo."""
+    if keras.backend.standardize_dtype(dtype) == "int32":  # torch: the bit pattern of a uint32
+        return (seed_lo ^ 0x80000000) - 0x80000000
+    return seed_lo
+
+
+def _compute_dtype(dtype):
+    return "float64" if dtype == "float64" else "float32"
+
+
+def _torch_module():
+    # Imported on first use: `import stochdepth.keras` never imports torch.
+    import stochdepth.torch as sd_torch
+
+    return sd_torch
+
+
+# ---- the layer
+
+
+@keras.saving.register_keras_serializable(package="stochdepth")
+class StochasticDepth(keras.layers.Layer):
+    """Stochastic depth (Huang et al., 2016) on a residual branch, per sample.
+
+    Called on `[shortcut, residual]` (same shape and dtype):
+
+    - training: `out[b] = shortcut[b] + keep[b] * s * residual[b]`, keep[b] ~ Bernoulli(p); a
+      dropped sample is `shortcut[b]` exactly (its residual is not read);
+    - inference: `shortcut + c * residual`.
+
+    With `scaling="inference"` (default, kerasfactory and the paper) s = 1 and c = p; with
+    `scaling="training"` (timm, torchvision) s = 1/p (0 when p = 0) and c = 1.
+
+    Args:
+        survival_prob: p, the probability of keeping a sample's residual branch, in [0, 1].
+        seed: None or an int in [0, 2**64). Training call n of the layer (from 0) uses the
+            mask `stochdepth.mask(batch, p, seed=seed, offset=n, mode=mode)`.
+        mode: "row" (one draw per sample) or "batch" (one draw for the whole batch).
+        scaling: "inference" or "training", as above.
+        axis: the sample axis of the inputs (default 0); negative values count from the end.
+        **kwargs: standard `keras.layers.Layer` arguments (name, dtype, ...).
+
+    Raises:
+        ValueError: survival_prob outside [0, 1] (or NaN), a bad mode/scaling/seed value; at
+            call time inputs that are not a list of two, or shapes that differ.
+        TypeError: arguments of the wrong type, or shortcut and residual of different dtypes.
+    """
+
+    def __init__(self, survival_prob=0.5, seed=None, *, mode="row", scaling="inference",
+                 axis=0, **kwargs):
+        super().__init__(**kwargs)
+        self.survival_prob = _check_survival_prob(survival_prob)
+        self.seed = _check_seed(seed)
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
+        if scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.mode = mode
+        self.scaling = scaling
+        self.axis = int(axis)
+        # State [seed & 0xFFFFFFFF, step]: SeedGenerator.next() returns it and advances the step.
+        # A seed's high word never changes, so it stays a constant of the layer.
+        self._seed_hi = 0 if self.seed is None else self.seed >> 32
+        # torch: the kernels take (seed, offset) as host integers, so the state lives on the CPU
+        # and reading it is no device sync.
+        on_cpu = keras.backend.backend() == "torch"
+        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
+            self.seed_generator = keras.random.SeedGenerator(None if self.seed is None else 0)
+            if self.seed is not None:
+                # Set the seed word here rather than through SeedGenerator(seed): the state dtype
+                # is int32 on some backends (torch), where a word >= 2**31 must be stored as its
+                # bit pattern.
+                state = self.seed_generator.state
+                word = _seed_state_value(self.seed & _LO32, state.dtype)
+                state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
+        self.built = True
+
+    # -- scalars
+
+    def _train_scale(self):
+        p = float(self.survival_prob)
+        if self.scaling == "training":
+            return 1.0 / p if p > 0 else 0.0
+        return 1.0
+
+    def _inference_scale(self):
+        return float(self.survival_prob) if self.scaling == "inference" else 1.0
+
+    # -- call
+
+    def call(self, inputs, training=False):
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 2:
+            raise ValueError("inputs must be a list of [shortcut, residual]")
+        shortcut, residual = inputs
+        shortcut = ops.convert_to_tensor(shortcut)
+        residual = ops.convert_to_tensor(residual)
+        self._check_inputs(shortcut, residual)
+        training = bool(training)
+        if keras.backend.backend() == "torch":
+            return self._call_torch(shortcut, residual, training)
+        return self._call_ops(shortcut, residual, training)
+
+    def _check_inputs(self, shortcut, residual):
+        s_dtype = keras.backend.standardize_dtype(shortcut.dtype)
+        r_dtype = keras.backend.standardize_dtype(residual.dtype)
+        if s_dtype != r_dtype:
+            raise TypeError(
+                f"shortcut and residual must have the same dtype, got {s_dtype} and {r_dtype}"
+            )
+        if s_dtype not in ("float16", "bfloat16", "float32", "float64"):
+            raise TypeError(
+                f"shortcut and residual must be float16, bfloat16, float32 or float64, "
+                f"got {s_dtype}"
+            )
+        s_shape, r_shape = tuple(shortcut.shape), tuple(residual.shape)
+        if len(s_shape) != len(r_shape) or any(
+            a is not None and b is not None and a != b for a, b in zip(s_shape, r_shape)
+        ):
+            raise ValueError(
+                f"shortcut and residual must have the same shape, got {s_shape} and {r_shape}"
+            )
+        rank = len(s_shape)
+        if rank < 1:
+            raise ValueError("shortcut and residual must have rank >= 1 (a sample axis)")
+        if not -rank <= self.axis < rank:
+            raise ValueError(f"axis {self.axis} is out of range for inputs of rank {rank}")
+
+    def _seed_words(self):
+        """The (seed_lo, offset) state of this training call, advancing the step."""
+        return self.seed_generator.next()
+
+    def _call_ops(self, shortcut, residual, training):
+        dtype = keras.backend.standardize_dtype(shortcut.dtype)
+        ct = _compute_dtype(dtype)
+        sc = ops.cast(shortcut, ct) if ct != dtype else shortcut
+        res = ops.cast(residual, ct) if ct != dtype else residual
+        if not training:
+            c = self._inference_scale()
+            out = sc + ops.multiply(_scalar(c, ct), res) if c != 1.0 else sc + res
+            return ops.cast(out, dtype) if ct != dtype else out
+        rank = len(shortcut.shape)
+        axis = self.axis % rank
+        batch = shortcut.shape[axis]
+        if batch is None:
+            batch = ops.shape(shortcut)[axis]
+        state = self._seed_words()
+        seed_lo = _low_word(state[0])
+        offset = state[1]
+        if keras.backend.standardize_dtype(offset.dtype) in ("int64", "uint64"):
+            off_lo, off_hi = _low_word(offset), ops.cast(ops.right_shift(offset, 32), "uint32")
+        else:
+            off_lo, off_hi = _low_word(offset), 0
+        keep = keep_mask(batch, self.survival_prob, seed_lo, self._seed_hi, off_lo, off_hi,
+                         self.mode)
+        bshape = [1] * rank
+        bshape[axis] = -1
+        keep = ops.reshape(keep, bshape)
+        s = self._train_scale()
+        # XLA may contract this multiply-add into an FMA (docs/design.md, "Arithmetic").
+        kept = sc + ops.multiply(_scalar(s, ct), res) if s != 1.0 else sc + res
+        out = ops.where(keep, kept, sc)
+        return ops.cast(out, dtype) if ct != dtype else out
+
+    def _call_torch(self, shortcut, residual, training):
+        sd_torch = _torch_module()
+        if not training:
+            return sd_torch.stochastic_depth(
+                shortcut, residual, float(self.survival_prob), training=False, mode=self.mode,
+                scaling=self.scaling, axis=self.axis,
+            )
+        # The state lives on the CPU; advance it there too (its increment would otherwise be
+        # created on Keras's default device, a GPU when there is one).
+        with keras.device("cpu"):
+            seed_lo, offset = self._seed_words().tolist()
+        seed = (self._seed_hi << 32) | (seed_lo & _LO32)
+        offset &= _LO32
+        return sd_torch.stochastic_depth(
+            shortcut, residual, float(self.survival_prob), training=True, mode=self.mode,
+            scaling=self.scaling, axis=self.axis, seed=seed, offset=offset,
+            # The mask is the layer's (seed, step) on every rank, as on the other backends.
+            sync_across_ranks=True,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "survival_prob": self.survival_prob,
+                "seed": self.seed,
+                "mode": self.mode,
+                "scaling": self.scaling,
+                "axis": self.axis,
+            }
+        )
+        return config
+
+
+def _scalar(value, dtype):
+    # Evaluated in float64, rounded once to the compute type (docs/design.md, "Arithmetic").
+    return ops.convert_to_tensor(np.asarray(value, dtype=np.float64).astype(dtype), dtype=dtype)
+
+
+def _low_word(x):
+    """The low 32 bits of an integer scalar tensor, as uint32."""
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if dtype == "uint32":
+        return x
+    if dtype in ("int64", "uint64"):
+        return ops.cast(ops.bitwise_and(x, ops.convert_to_tensor(_LO32, dtype=dtype)), "uint32")
+    return ops.cast(x, "uint32")
