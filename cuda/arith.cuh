@@ -1,6 +1,6 @@
-// The pinned arithmetic of DESIGN.md on the GPU, for every kernel in cuda/: storage type T,
-// compute type C (float for the half types, else T), conversions that round once to nearest
-// even, and a multiply and an add that nvcc never fuses (__fmul_rn / __fadd_rn).
+// The pinned arithmetic (docs/design.md, "Arithmetic") on the GPU, for every kernel in cuda/:
+// storage type T, compute type C (float for the half types, else T), conversions that round once to
+// nearest even, and a multiply and an add that nvcc never fuses (__fmul_rn / __fadd_rn).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

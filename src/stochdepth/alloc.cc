@@ -6,13 +6,14 @@
 // (default 1024; 0 disables the cache). stochdepth.empty_cache() releases it.
 #include <sys/mman.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
-#include "drop_path.h"
+#include "alloc.h"
 
 namespace stochdepth {
 namespace {
