@@ -1,9 +1,7 @@
-// The AVX2/FMA/F16C CPU path. The ONLY translation unit compiled with -mavx2 -mfma -mf16c; the
-// ISA selection (isa.cc) hands out its table only after CPUID + XGETBV said the CPU and OS
-// support it. It defines 8-lane (4 for double) vector traits and includes the one shared
-// algorithm, cpu_kernel_impl.inc, and computes the mask with Philox4x32-10 on 8 blocks at once
-// (32 samples per step), checked word for word against philox.h by the known-answer tests.
-// No namespace-scope SIMD constants: they would run at load time on any CPU.
+// The AVX2/FMA/F16C CPU path: 8-lane (4 for double) vector traits around the shared algorithm
+// (cpu_kernel_impl.inc), and the mask with Philox4x32-10 on 8 blocks at once. The ONLY unit
+// compiled with -mavx2 -mfma -mf16c; isa.cc hands out its table only after CPUID + XGETBV said
+// the CPU and OS support it. No namespace-scope SIMD constants: they would run at load time.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -1,4 +1,5 @@
-// The CPU runners behind drop_path.h's entries (cpu_run.cc); only drop_path.cc calls them.
+// The CPU runners behind drop_path.h's entries (cpu_run.cc). Internal: only drop_path.cc calls
+// them; the bindings go through drop_path.h, never here.
 #pragma once
 #include <cstddef>
 

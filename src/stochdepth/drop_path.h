@@ -1,14 +1,7 @@
 // The public C++ API of the stochdepth core: the dtype, scaling and device enums, the POD
-// parameter block, and ONE entry per op (drop_path, stream_copy, compute_mask), each of which owns
-// the CPU/CUDA choice (drop_path.cc). It knows no framework, no Python and no intrinsics; ISA
+// parameter block, and ONE entry per op: drop_path and stream_copy own the CPU/CUDA choice
+// (drop_path.cc), compute_mask runs on the host. No framework, no Python, no intrinsics; ISA
 // selection is in isa.h, threads in thread_pool.h, CPU buffers in alloc.h.
-//
-// Supported dtypes (the only instantiations anywhere):
-//   | DType      | storage   | compute | rounding                |
-//   | kFloat16   | IEEE half | float   | once, on store (RNE)    |
-//   | kBFloat16  | bfloat16  | float   | once, on store (RNE)    |
-//   | kFloat32   | float     | float   | -                       |
-//   | kFloat64   | double    | double  | -                       |
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -16,6 +9,12 @@
 
 namespace stochdepth {
 
+// Supported dtypes (the only instantiations anywhere):
+//   | DType      | storage   | compute | rounding                |
+//   | kFloat16   | IEEE half | float   | once, on store (RNE)    |
+//   | kBFloat16  | bfloat16  | float   | once, on store (RNE)    |
+//   | kFloat32   | float     | float   | -                       |
+//   | kFloat64   | double    | double  | -                       |
 enum class DType : uint8_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 enum class Scaling : uint8_t { kInference = 0, kTraining = 1 };  // paper/kerasfactory vs timm
 
