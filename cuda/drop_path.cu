@@ -77,11 +77,11 @@ struct KernelArgs {
   bool training, batch_mode, in_place;
 };
 
-// The draws of samples 4q .. 4q+3 are the four words of one Philox block (DESIGN.md, "The mask
-// stream"). mask_draw(seed, offset, b) computes that block for every sample; a tile of a tensor
-// with inner = 1 holds thousands of consecutive samples, so the kernel keeps the last block and
-// reads sample b's word from it: a quarter of the Philox work (mask_block of mask.h, the same
-// block mask_draw reads).
+// The draws of samples 4q .. 4q+3 are the four words of one Philox block (docs/design.md,
+// "The mask stream"). mask_draw(seed, offset, b) computes that block for every sample; a tile of
+// a tensor with inner = 1 holds thousands of consecutive samples, so the kernel keeps the last
+// block and reads sample b's word from it: a quarter of the Philox work (mask_block of mask.h,
+// the same block mask_draw reads).
 struct DrawCache {
   uint64_t q = ~uint64_t{0};
   Philox4x32 words{};

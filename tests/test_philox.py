@@ -1,5 +1,6 @@
 """Philox4x32-10 and the mask stream: known answers from Random123, C++ (every ISA) vs the NumPy
-reference on random counters and keys, and stochdepth.mask vs the DESIGN.md formula."""
+reference on random counters and keys, and stochdepth.mask vs the formula of
+docs/design.md, "The mask stream"."""
 
 from __future__ import annotations
 
@@ -87,11 +88,11 @@ def test_isas_agree_with_each_other():
         assert len(set(outs.values())) == 1, (c, k, outs)
 
 
-# ---- the mask stream (DESIGN.md formula, written out independently of reference.mask)
+# ---- the mask stream (the formula of docs/design.md, written out independently of reference.mask)
 
 
 def design_mask(batch, p, seed, offset, mode):
-    """keep[b] spelled out from DESIGN.md with Python ints and one Philox call per sample."""
+    """keep[b] spelled out from docs/design.md with Python ints and one Philox call per sample."""
     key = np.array([seed & 0xFFFFFFFF, seed >> 32], np.uint32)
     t = int(np.floor(np.float64(p) * 2.0**32))
     keep = []

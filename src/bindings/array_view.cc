@@ -1,11 +1,12 @@
-// NumPy / DLPack <-> ArrayView translation and the stochdepth.Array output type.
+// NumPy / DLPack <-> ArrayView translation and the stochdepth.Array output type. Translation
+// only: the checks of what an op accepts are in module.cc, and memory comes from the core.
 #include "array_view.h"
 
 #include <cstring>
 #include <stdexcept>
 
+#include "bindings/args.h"
 #include "bindings/dlpack.h"
-#include "stochdepth/cuda_api.h"
 
 namespace stochdepth {
 namespace {
@@ -16,11 +17,6 @@ py::object& bf16_dtype() {
   static py::object* d = new py::object();  // leaked on purpose: outlives interpreter teardown
   return *d;
 }
-
-std::string type_name(py::handle obj) { return py::str(py::type::of(obj).attr("__name__")); }
-
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 
 bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strides_elems) {
   if (!strides_elems) return true;
@@ -241,25 +237,10 @@ int64_t product(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-std::string Device::str() const {
-  return kind == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(id);
-}
+Buffer::Buffer(size_t n, Device d, void* stream)
+    : ptr(alloc_output(n, d, stream)), bytes(n), device(d) {}
 
-Buffer::Buffer(size_t n, Device d, void* stream) : bytes(n), device(d) {
-  if (device.kind == DeviceKind::kCPU) {
-    ptr = cpu_alloc(bytes);
-  } else if (bytes > 0) {
-    ptr = cuda_alloc(bytes, device.id, stream);
-  }
-}
-
-Buffer::~Buffer() {
-  if (device.kind == DeviceKind::kCPU) {
-    cpu_free(ptr, bytes);
-  } else if (ptr) {
-    cuda_free(ptr, device.id);
-  }
-}
+Buffer::~Buffer() { free_output(ptr, bytes, device); }
 
 int64_t ArrayView::numel() const { return product(shape); }
 

@@ -17,16 +17,7 @@
 namespace stochdepth {
 namespace py = pybind11;
 
-enum class DeviceKind : int32_t { kCPU = 1, kCUDA = 2 };
-
-struct Device {
-  DeviceKind kind = DeviceKind::kCPU;
-  int32_t id = 0;
-  bool operator==(const Device& o) const { return kind == o.kind && id == o.id; }
-  std::string str() const;
-};
-
-// Memory owned by the library (an output it allocated).
+// Memory owned by the library (an output it allocated with the core's alloc_output).
 struct Buffer {
   void* ptr = nullptr;
   size_t bytes = 0;

@@ -1,137 +1,28 @@
-// PYBIND11_MODULE(_core): validates Python arguments and translates them into DropPathParams,
-// then makes one call into the core (dispatch.cc or the CUDA launcher) with the GIL released.
-// No arithmetic, no RNG and no kernel choice here: those live in src/stochdepth/.
+// PYBIND11_MODULE(_core): validates Python arguments (scalars in args.cc, arrays here) and
+// translates them, once, into DropPathParams and the core's enums, then makes one call into the
+// core's entries (drop_path.h) with the GIL released. No arithmetic, no RNG, no kernel choice and
+// no CPU/CUDA branch here: those live in src/stochdepth/.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
-#include <cmath>
-#include <limits>
 #include <optional>
-#include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "bindings/args.h"
 #include "bindings/array_view.h"
-#include "stochdepth/cuda_api.h"
+#include "stochdepth/alloc.h"
 #include "stochdepth/drop_path.h"
+#include "stochdepth/isa.h"
 #include "stochdepth/mask.h"
+#include "stochdepth/thread_pool.h"
 
 namespace py = pybind11;
 using namespace stochdepth;
 
 namespace {
-
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-
-std::string type_name(py::handle obj) { return py::str(py::type::of(obj).attr("__name__")); }
-
-bool is_bool(py::handle obj) {
-  return PyBool_Check(obj.ptr()) || type_name(obj) == "bool_" || type_name(obj) == "bool";
-}
-
-// ---- scalar arguments
-
-double survival_prob_arg(py::handle obj) {
-  if (is_bool(obj) ||
-      !(PyFloat_Check(obj.ptr()) || PyLong_Check(obj.ptr()) || py::hasattr(obj, "__float__")) ||
-      PyComplex_Check(obj.ptr()) || py::isinstance<py::str>(obj)) {
-    type_error("survival_prob must be a real number in [0, 1], got " + type_name(obj));
-  }
-  const double p = PyFloat_AsDouble(obj.ptr());
-  if (PyErr_Occurred()) {  // e.g. an integer too large for a double
-    PyErr_Clear();
-    value_error("survival_prob must be in [0, 1], got " + std::string(py::repr(obj)));
-  }
-  if (!(p >= 0.0 && p <= 1.0)) {  // also rejects NaN
-    value_error("survival_prob must be in [0, 1], got " + std::string(py::repr(obj)));
-  }
-  return p;
-}
-
-// An integer argument as int64; out of range is a ValueError naming it (not a cast error).
-int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
-  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
-    type_error(std::string(name) + " must be " + expected + ", got " + type_name(obj));
-  }
-  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
-  if (!v) throw py::error_already_set();
-  int overflow = 0;
-  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow != 0)
-    value_error(std::string(name) + " must be " + expected + ", got " + std::string(py::str(v)));
-  return x;
-}
-
-uint64_t u64_arg(py::handle obj, const char* name) {
-  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
-    type_error(std::string(name) + " must be an integer in [0, 2**64), got " + type_name(obj));
-  }
-  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
-  if (!v) throw py::error_already_set();
-  int overflow = 0;
-  const long long as_ll = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow < 0 || (overflow == 0 && as_ll < 0)) {
-    value_error(std::string(name) + " must be in [0, 2**64), got " + std::string(py::str(v)));
-  }
-  const unsigned long long u = PyLong_AsUnsignedLongLong(v.ptr());
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
-    value_error(std::string(name) + " must be in [0, 2**64), got " + std::string(py::str(v)));
-  }
-  return u;
-}
-
-uint64_t seed_arg(py::handle obj, bool training) {
-  if (obj.is_none()) {
-    if (!training) return 0;  // inference draws nothing
-    type_error("seed must be an integer in [0, 2**64) when training=True, got None");
-  }
-  return u64_arg(obj, "seed");
-}
-
-bool bool_arg(py::handle obj, const char* name) {
-  if (is_bool(obj)) return PyObject_IsTrue(obj.ptr());
-  if (PyLong_Check(obj.ptr())) {
-    const long v = PyLong_AsLong(obj.ptr());
-    if (v == 0 || v == 1) return v;
-  }
-  type_error(std::string(name) + " must be a bool, got " + std::string(py::repr(obj)));
-}
-
-std::string str_arg(py::handle obj, const char* name, const char* a, const char* b) {
-  if (!py::isinstance<py::str>(obj)) {
-    type_error(std::string(name) + " must be '" + a + "' or '" + b + "', got " + type_name(obj));
-  }
-  std::string s = obj.cast<std::string>();
-  if (s != a && s != b) {
-    value_error(std::string(name) + " must be '" + a + "' or '" + b + "', got '" + s + "'");
-  }
-  return s;
-}
-
-Scaling scaling_arg(py::handle obj) {
-  return str_arg(obj, "scaling", "inference", "training") == "training" ? Scaling::kTraining
-                                                                        : Scaling::kInference;
-}
-
-std::optional<int64_t> stream_arg(py::handle obj) {
-  if (obj.is_none()) return std::nullopt;
-  return i64_arg(obj, "stream", "None or an integer cudaStream_t handle");
-}
-
-int64_t axis_arg(py::handle obj, size_t ndim) {
-  const int64_t axis = i64_arg(obj, "axis", "an integer");
-  if (axis == std::numeric_limits<int64_t>::min()) value_error("axis is out of range");
-  const int64_t n = static_cast<int64_t>(ndim);
-  if (axis < -n || axis >= n) {
-    value_error("axis " + std::to_string(axis) + " is out of range for an array of rank " +
-                std::to_string(n) + " (expected -" + std::to_string(n) + " <= axis < " +
-                std::to_string(n) + ")");
-  }
-  return axis < 0 ? axis + n : axis;
-}
 
 // ---- array checks, in the order Types, Shapes, Layout, Device
 
@@ -197,14 +88,19 @@ void set_geometry(DropPathParams& p, const std::vector<int64_t>& shape, int64_t 
   for (size_t i = axis + 1; i < shape.size(); ++i) p.inner *= shape[i];
 }
 
+void* stream_ptr(std::optional<int64_t> stream) {
+  return reinterpret_cast<void*>(stream.value_or(0));
+}
+
 void run(const DropPathParams& p, Device device, std::optional<int64_t> stream) {
   if (p.numel() == 0) return;
   py::gil_scoped_release release;
-  if (device.kind == DeviceKind::kCPU) {
-    drop_path_cpu(p);
-  } else {
-    drop_path_cuda(p, device.id, reinterpret_cast<void*>(stream.value_or(0)));
-  }
+  drop_path(p, device, stream_ptr(stream));
+}
+
+// run_raw's and stream_copy_raw's device: a CUDA ordinal, or negative for the CPU.
+Device raw_device(int device) {
+  return device < 0 ? Device{} : Device{DeviceKind::kCUDA, static_cast<int32_t>(device)};
 }
 
 struct Common {
@@ -223,7 +119,7 @@ Common common_args(py::handle survival_prob, py::handle training, py::handle see
   c.training = bool_arg(training, "training");
   c.seed = seed_arg(seed, c.training);
   c.offset = u64_arg(offset, "offset");
-  c.batch_mode = str_arg(mode, "mode", "row", "batch") == "batch";
+  c.batch_mode = choice_arg(mode, "mode", "row", "batch");
   c.scaling = scaling_arg(scaling);
   c.stream = stream_arg(stream);
   return c;
@@ -244,8 +140,7 @@ DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis
 // A fresh output like `input`: NumPy for NumPy inputs, stochdepth.Array for DLPack inputs.
 py::object new_output(const ArrayView& like, std::optional<int64_t> stream) {
   if (like.is_numpy) return new_numpy(like.shape, like.dtype);
-  return new_array(like.shape, like.dtype, like.device,
-                   reinterpret_cast<void*>(stream.value_or(0)));
+  return new_array(like.shape, like.dtype, like.device, stream_ptr(stream));
 }
 
 // The output of a call computing from `input`: the caller's `out` (checked against `input`:
@@ -363,16 +258,10 @@ void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, 
   p.compact_input = compact_input;
   p.compact_output = compact_output;
   set_scalars(p, survival_prob, scaling);
-  if (p.numel() == 0) return;
-  py::gil_scoped_release release;
-  if (device < 0) {
-    drop_path_cpu(p);
-  } else {
-    drop_path_cuda(p, device, reinterpret_cast<void*>(stream));
-  }
+  run(p, raw_device(device), stream);
 }
 
-void stream_copy(py::object dst, py::object src) {
+void stream_copy_arrays(py::object dst, py::object src) {
   ArrayView d = view_of(dst, "dst", std::nullopt), s = view_of(src, "src", std::nullopt);
   if (d.nbytes() != s.nbytes()) {
     value_error("dst and src must have the same number of bytes, got " +
@@ -386,7 +275,19 @@ void stream_copy(py::object dst, py::object src) {
   if (d.device.kind != DeviceKind::kCPU)
     value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
   py::gil_scoped_release release;
-  stream_copy_cpu(d.data, s.data, d.nbytes());
+  stochdepth::stream_copy(d.data, s.data, d.nbytes(), d.device, nullptr);
+}
+
+void stream_copy_raw(uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
+  py::gil_scoped_release release;
+  stochdepth::stream_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
+                          raw_device(device), reinterpret_cast<void*>(stream));
+}
+
+std::vector<std::string> names(const std::vector<Isa>& isas) {
+  std::vector<std::string> v;
+  for (Isa isa : isas) v.emplace_back(isa_name(isa));
+  return v;
 }
 
 }  // namespace
@@ -419,25 +320,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("compact_input") = false, py::arg("compact_output") = false);
-  m.def("stream_copy", &stream_copy, py::arg("dst"), py::arg("src"));
-  m.def(
-      "stream_copy_raw",
-      [](uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
-        py::gil_scoped_release release;
-        if (device < 0) {
-          stream_copy_cpu(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes);
-        } else {
-          stream_copy_cuda(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
-                           device, reinterpret_cast<void*>(stream));
-        }
-      },
-      py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("device"),
-      py::arg("stream"));
+  m.def("stream_copy", &stream_copy_arrays, py::arg("dst"), py::arg("src"));
+  m.def("stream_copy_raw", &stream_copy_raw, py::arg("dst_ptr"), py::arg("src_ptr"),
+        py::arg("nbytes"), py::arg("device"), py::arg("stream"));
   m.def(
       "philox4x32_10",
       [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key, const std::string& isa) {
         std::array<uint32_t, 4> out{};
-        philox_block(isa, ctr.data(), key.data(), out.data());
+        philox_block(supported_isa(isa), ctr.data(), key.data(), out.data());
         return py::make_tuple(out[0], out[1], out[2], out[3]);
       },
       py::arg("counter"), py::arg("key"), py::arg("isa") = "scalar",
@@ -447,9 +337,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", [] {
     py::dict d;
     d["version"] = STOCHDEPTH_VERSION;
-    d["cpu_isas_compiled"] = compiled_isas();
-    d["cpu_isas_supported"] = supported_isas();
-    d["cpu_isa"] = active_isa();
+    d["cpu_isas_compiled"] = names(compiled_isas());
+    d["cpu_isas_supported"] = names(supported_isas());
+    d["cpu_isa"] = isa_name(active_isa());
     d["cuda_compiled"] = cuda_compiled();
     d["cuda_architectures"] = cuda_architectures();
     d["cuda_device_count"] = cuda_device_count();
@@ -457,8 +347,9 @@ PYBIND11_MODULE(_core, m) {
     d["parallel_threshold_bytes"] = parallel_threshold_bytes();
     return d;
   });
-  m.def("set_isa", &set_isa, py::arg("name"));
-  m.def("get_isa", &active_isa);
+  // ISA names are converted here, once; the core sees the Isa enum.
+  m.def("set_isa", [](const std::string& name) { set_isa(supported_isa(name)); }, py::arg("name"));
+  m.def("get_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &num_threads);
   m.def("set_parallel_threshold", &set_parallel_threshold_bytes, py::arg("bytes"));

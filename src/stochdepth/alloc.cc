@@ -1,18 +1,21 @@
-// Output buffers for the CPU path. A fresh large buffer costs a page fault per 4 KiB page on its
-// first write (a 74 MiB tensor: ~19,000 faults, each zeroing a page), which is more time than the
-// op itself. So: large buffers are mmap'ed 2 MiB-aligned with MADV_HUGEPAGE (512x fewer faults,
-// taken by both kernel threads in parallel on first touch), and freed large buffers are kept in a
-// small cache for reuse by the next call of the same size, bounded by STOCHDEPTH_CACHE_MB
-// (default 1024; 0 disables the cache). stochdepth.empty_cache() releases it.
+// Output buffers for the CPU path (alloc.h): small ones from aligned_alloc, large ones mmap'ed
+// with MADV_HUGEPAGE and recycled by size, bounded by STOCHDEPTH_CACHE_MB (default 1024; 0
+// disables the cache). Device memory is not here (cuda/drop_path.cu).
+
+// Why: a fresh large buffer costs a page fault per 4 KiB page on its first write (a 74 MiB
+// tensor: ~19,000 faults, each zeroing a page), which is more time than the op itself. Huge pages
+// take 512x fewer faults (taken by both kernel threads in parallel on first touch), and the cache
+// gives the next call of the same size a buffer already faulted in.
 #include <sys/mman.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
-#include "drop_path.h"
+#include "alloc.h"
 
 namespace stochdepth {
 namespace {

@@ -1,9 +1,7 @@
-// The AVX2/FMA/F16C CPU path. The ONLY translation unit compiled with -mavx2 -mfma -mf16c; the
-// dispatcher calls into it only after CPUID + XGETBV said the CPU and OS support it. It defines
-// 8-lane (4 for double) vector traits and includes the one shared algorithm, cpu_kernel_impl.inc,
-// and computes the mask with Philox4x32-10 on 8 blocks at once (32 samples per step), checked
-// word for word against philox.h by the known-answer and random tests.
-// No namespace-scope SIMD constants: they would run at load time on any CPU.
+// The AVX2/FMA/F16C CPU path: 8-lane (4 for double) vector traits around the shared algorithm
+// (cpu_kernel_impl.inc), and the mask with Philox4x32-10 on 8 blocks at once. The ONLY unit
+// compiled with -mavx2 -mfma -mf16c; isa.cc hands out its table only after CPUID + XGETBV said
+// the CPU and OS support it. No namespace-scope SIMD constants: they would run at load time.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,7 +32,7 @@ struct Float8 {
   using V = __m256;
   static constexpr int64_t kWidth = 8;
   static V set1(C s) { return _mm256_set1_ps(s); }
-  // Separate multiply and add (never _mm256_fmadd_ps): DESIGN.md pins two roundings.
+  // Separate multiply and add (never _mm256_fmadd_ps): docs/design.md, "Arithmetic".
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
 };
@@ -246,7 +244,7 @@ void philox_avx2(const uint32_t counter[4], const uint32_t key[2], uint32_t out[
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{"avx2", &run_range, &copy_range, &compute_mask_avx2, &philox_avx2};
+  static const CpuKernels k{Isa::kAvx2, &run_range, &copy_range, &compute_mask_avx2, &philox_avx2};
   return k;
 }
 

@@ -1,4 +1,5 @@
-// CPUID + XGETBV probing for the runtime dispatcher (dispatch.cc). Compiled without ISA flags.
+// CPUID + XGETBV probing for the ISA selection (isa.cc). Compiled without ISA flags, so that
+// it runs on any x86-64; other targets report no AVX2.
 #include "cpu_features.h"
 
 #if defined(__x86_64__) || defined(__i386__)

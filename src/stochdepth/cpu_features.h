@@ -1,4 +1,5 @@
-// What this CPU and its OS support, read once with CPUID + XGETBV. No intrinsics, no ISA flags.
+// What this CPU and its OS support, read once with CPUID + XGETBV (cpu_features.cc). No
+// intrinsics, no ISA flags, no choice: isa.cc decides what runs.
 #pragma once
 
 namespace stochdepth {

@@ -1,16 +1,17 @@
-// The interface between dispatch.cc and the per-ISA CPU kernels (cpu_scalar.cc, cpu_avx2.cc).
-// ISA-free: no intrinsics here. dispatch.cc picks one table at run time; each ISA translation unit
-// fills its table from the one shared algorithm in cpu_kernel_impl.inc.
+// The interface between the CPU runner (cpu_run.cc) and the per-ISA CPU kernels (cpu_scalar.cc,
+// cpu_avx2.cc). ISA-free: no intrinsics here. isa.cc picks one table at run time; each ISA
+// translation unit fills its table from the one shared algorithm in cpu_kernel_impl.inc.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 #include "drop_path.h"
+#include "isa.h"
 #include "portability.h"
 
 namespace stochdepth {
 
-// The mask of one call, computed once by dispatch.cc: keep[b], and for compact rows the index of
+// The mask of one call, computed once by cpu_run.cc: keep[b], and for compact rows the index of
 // each kept sample among the kept ones (kept_index[b] = number of kept samples before b).
 struct MaskView {
   const uint8_t* keep = nullptr;
@@ -19,14 +20,14 @@ struct MaskView {
 };
 
 struct CpuKernels {
-  const char* name;
+  Isa isa;
   // Elements [begin, end) of the flattened [outer, batch, inner] op (the full, non-compact
   // side). mask.keep[b] is ignored when !params.training. `stream`: non-temporal output stores.
   void (*run_range)(const DropPathParams& params, const MaskView& mask, int64_t begin, int64_t end,
                     bool stream);
   // Bytes [begin, end) of a copy, with the same store policy as the op.
   void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);
-  // keep[b] for b in [0, batch): the mask stream of DESIGN.md (mask.h is its definition).
+  // keep[b] for b in [0, batch): docs/design.md, "The mask stream" (mask.h).
   void (*compute_mask)(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
                        uint64_t threshold, bool batch_mode);
   // One Philox4x32-10 block, for the known-answer tests of each ISA.
@@ -41,5 +42,8 @@ namespace avx2 {
 const CpuKernels& kernels();
 }
 #endif
+
+// The table of the active ISA (isa.cc). A call loads it once and uses it throughout.
+const CpuKernels& active_kernels();
 
 }  // namespace stochdepth

@@ -79,7 +79,7 @@ void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t ou
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{"scalar", &run_range, &copy_range, &compute_mask_scalar,
+  static const CpuKernels k{Isa::kScalar, &run_range, &copy_range, &compute_mask_scalar,
                             &philox_scalar};
   return k;
 }

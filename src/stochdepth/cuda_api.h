@@ -1,18 +1,13 @@
-// The CUDA entry points seen from host C++. Implemented in cuda/drop_path.cu when the library
-// is built with CUDA (STOCHDEPTH_WITH_CUDA defined), and by stubs in cuda_stubs.cc otherwise:
-// the stubs report "not compiled" and throw, so that no caller needs an #ifdef.
+// The CUDA launchers seen from host C++, called only by the device switch in drop_path.cc.
+// Implemented in cuda/drop_path.cu when the library is built with CUDA (STOCHDEPTH_WITH_CUDA),
+// and by stubs in cuda_stubs.cc otherwise: the stubs throw "built without CUDA", so that no
+// caller needs an #ifdef. The build queries (cuda_compiled, ...) are declared in drop_path.h.
 #pragma once
 #include <cstddef>
-#include <string>
 
 #include "drop_path.h"
 
 namespace stochdepth {
-
-bool cuda_compiled();
-std::string cuda_architectures();  // the arch list the kernels were compiled for; "" without CUDA
-// Number of usable devices; 0 (never an exception) when there is no driver or no GPU.
-int cuda_device_count();
 
 // Runs the op on `stream` (a cudaStream_t; nullptr = legacy default stream). Pointers are
 // device pointers on `device`. Asynchronous: no host synchronisation. Throws std::runtime_error
@@ -23,6 +18,6 @@ void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void
 
 // Device memory for outputs the library allocates itself; throws std::runtime_error on failure.
 void* cuda_alloc(size_t bytes, int device, void* stream);
-void cuda_free(void* ptr, int device);
+void cuda_free(void* ptr, int device);  // never throws
 
 }  // namespace stochdepth

@@ -1,5 +1,6 @@
-// Built instead of cuda/drop_path.cu when the library is compiled without CUDA: every entry point
-// of cuda_api.h reports "not compiled" or throws, so callers need no #ifdef.
+// Built instead of cuda/drop_path.cu when the library is compiled without CUDA: the build
+// queries of drop_path.h report "not compiled" and the launchers of cuda_api.h throw, so callers
+// need no #ifdef.
 #include <stdexcept>
 
 #include "cuda_api.h"

@@ -1,22 +1,32 @@
-// Public C++ API of the stochdepth core: the dtype table, the POD parameter block and the
-// entry points on raw pointers. It knows no framework, no Python and no intrinsics.
-//
+// The public C++ API of the stochdepth core: the dtype, scaling and device enums, the POD
+// parameter block, and ONE entry per op: drop_path and stream_copy own the CPU/CUDA choice
+// (drop_path.cc), compute_mask runs on the host. No framework, no Python, no intrinsics; ISA
+// selection is in isa.h, threads in thread_pool.h, CPU buffers in alloc.h.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace stochdepth {
+
 // Supported dtypes (the only instantiations anywhere):
 //   | DType      | storage   | compute | rounding                |
 //   | kFloat16   | IEEE half | float   | once, on store (RNE)    |
 //   | kBFloat16  | bfloat16  | float   | once, on store (RNE)    |
 //   | kFloat32   | float     | float   | -                       |
 //   | kFloat64   | double    | double  | -                       |
-#pragma once
-#include <cstddef>
-#include <cstdint>
-#include <string>
-#include <vector>
-
-namespace stochdepth {
-
 enum class DType : uint8_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 enum class Scaling : uint8_t { kInference = 0, kTraining = 1 };  // paper/kerasfactory vs timm
+
+// The values are DLPack's device types, so that the bindings export them unchanged.
+enum class DeviceKind : int32_t { kCPU = 1, kCUDA = 2 };
+
+struct Device {
+  DeviceKind kind = DeviceKind::kCPU;
+  int32_t id = 0;
+  bool operator==(const Device& o) const { return kind == o.kind && id == o.id; }
+  std::string str() const;  // "cpu" or "cuda:<id>", for messages
+};
 
 inline size_t dtype_size(DType d) {
   switch (d) {
@@ -39,7 +49,7 @@ inline size_t dtype_size(DType d) {
 //   training && keep:   out = shortcut + (scale * input)      (or scale * input)
 //   training && !keep:  out = shortcut, input not read          (or 0, input not read)
 //   !training:          out = shortcut + (scale * input)      (or scale * input)
-// The multiply and the add are rounded separately, never fused.
+// The multiply and the add are rounded separately, never fused (docs/design.md, "Arithmetic").
 struct DropPathParams {
   const void* shortcut = nullptr;  // [outer, batch, inner] or nullptr
   const void* input = nullptr;     // [outer, batch, inner]
@@ -52,50 +62,49 @@ struct DropPathParams {
   uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
   float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
   double scale_f64 = 1.0;  // the scale in double (f64 compute)
-  // Skipping the dropped samples' work (StochasticResidual; training only): the rows of `input`
-  // (forward, a scatter-add) or of `out` (backward, a gather) hold the kept samples only, in
-  // order: [outer, n_kept, inner]. A dropped sample has no row there: its output is the shortcut
-  // (forward) or nothing is written (backward).
+  // Skipping the dropped samples' work (docs/design.md, "Skipping dropped samples"; training
+  // only): the rows of `input` (forward, a scatter-add) or of `out` (backward, a gather) hold the
+  // kept samples only, in order: [outer, n_kept, inner]. A dropped sample has no row there: its
+  // output is the shortcut (forward) or nothing is written (backward).
   bool compact_input = false;
   bool compact_output = false;
 
   int64_t numel() const { return outer * batch * inner; }
 };
 
-// Derives threshold and scale from (p, training, scaling) once, on the host (DESIGN.md):
-// T = floor(p * 2^32); training scale 1/p (training scaling, p > 0) or 1; inference factor p
-// (inference scaling) or 1. The factor is evaluated in double, then rounded once to float.
+// Derives threshold and scale from (p, training, scaling) once, on the host (docs/design.md,
+// "The mask stream" and "Arithmetic"): T = floor(p * 2^32); training scale 1/p (training
+// scaling, p > 0) or 1; inference factor p (inference scaling) or 1. The factor is evaluated in
+// double, then rounded once to float.
 void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 
-// keep[b] for b in [0, batch): the mask stream of DESIGN.md.
+// ---- the ops: the one place that branches on the device is their definition (drop_path.cc)
+
+// Runs the op on `device`. For CUDA, pointers are device pointers on that device and the work
+// is queued on `stream` (a cudaStream_t; nullptr = the legacy default stream) without host
+// synchronisation; `stream` is ignored on the CPU. Throws std::invalid_argument for parameters
+// the kernels cannot run (or a CUDA device in a build without CUDA), std::runtime_error naming
+// the CUDA error on a failed launch.
+void drop_path(const DropPathParams& params, Device device, void* stream);
+
+// A plain streaming copy of `bytes` with the same threading and stores as the op (CPU) or the
+// library's own vectorised kernel (CUDA): the bandwidth ceiling that the benchmark reports.
+void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream);
+
+// keep[b] for b in [0, batch), on the host (docs/design.md, "The mask stream").
 void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,
                   bool batch_mode);
 
-// One Philox4x32-10 block computed by the given CPU ISA's code (known-answer tests).
-void philox_block(const std::string& isa, const uint32_t counter[4], const uint32_t key[2],
-                  uint32_t out[4]);
+// Memory for an output the library allocates itself on `device`: 64-byte aligned, recycled
+// CPU buffers (alloc.h) or cudaMalloc'ed device memory. free_output never throws.
+void* alloc_output(size_t bytes, Device device, void* stream);
+void free_output(void* ptr, size_t bytes, Device device);
 
-// ---- CPU (dispatch.cc)
-void drop_path_cpu(const DropPathParams& params);
-// A plain streaming copy with the same threading and stores as the op: the bandwidth ceiling
-// that the benchmark reports against.
-void stream_copy_cpu(void* dst, const void* src, size_t bytes);
+// ---- what this build contains (defined in cuda/drop_path.cu, or cuda_stubs.cc without CUDA)
 
-// ISA selection: "scalar" or "avx2". Compiled ISAs, those this CPU supports, the active one.
-std::vector<std::string> compiled_isas();
-std::vector<std::string> supported_isas();
-std::string active_isa();
-void set_isa(const std::string& name);  // throws std::invalid_argument if unknown/unsupported
-
-int num_threads();
-void set_num_threads(int n);  // n >= 1
-int64_t parallel_threshold_bytes();
-void set_parallel_threshold_bytes(int64_t bytes);
-
-// Output buffers for the CPU: 64-byte aligned, huge-page advised, recycled (see alloc.cc).
-void* cpu_alloc(size_t bytes);
-void cpu_free(void* ptr, size_t bytes);
-size_t cpu_cache_bytes();
-void cpu_cache_clear();
+bool cuda_compiled();
+std::string cuda_architectures();  // the arch list the kernels were compiled for; "" without CUDA
+// Number of usable devices; 0 (never an exception) when there is no driver or no GPU.
+int cuda_device_count();
 
 }  // namespace stochdepth

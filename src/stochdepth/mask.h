@@ -1,6 +1,7 @@
 // The keep decision for one sample: a pure function of (seed, offset, sample index), so that
 // every backend, any thread layout and the NumPy reference agree, and backward can recompute
-// the forward's mask instead of storing it. The layout is frozen by DESIGN.md ("The mask stream").
+// the forward's mask instead of storing it. The layout is frozen by docs/design.md, "The mask
+// stream".
 #pragma once
 #include <cstdint>
 

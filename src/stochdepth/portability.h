@@ -1,5 +1,5 @@
 // Macros that let one header serve the host compiler and nvcc.
-// Nothing here selects an ISA: that happens once, in dispatch.cc.
+// Nothing here selects an ISA: that happens once, in isa.cc.
 #pragma once
 
 #if defined(__CUDACC__)
