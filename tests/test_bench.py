@@ -188,10 +188,12 @@ def test_custom_cases_without_torch(tmp_path):
             for row in op_res["rows"]:
                 check_row(row, 2)
             check_method(op, op_res, 2, case["kept_fraction"], case["tensor_bytes"])
-    # Without torch nothing adds float16 (NumPy's software add is left out): copy rate only.
-    fwd16 = data["cases"][1]["ops"]["fwd"]["ceiling"]
-    assert fwd16["model"] == "copy rate" and "add" not in fwd16["primitives"]
-    assert [m.get("missing") for m in fwd16["models"]] == [None, ["add"]]
+    # NumPy's software float16 add is left out of the ceilings; the library's streaming add and
+    # copy are in (as torch's would be).
+    prims16 = data["cases"][1]["ops"]["fwd"]["ceiling"]["primitives"]
+    assert list(prims16["add"]["impls"]) == [ceiling.SD_ADD]
+    assert list(prims16["copy"]["impls"]) == ["stochdepth _core.stream_copy",
+                                              "np.copyto (1 thread)"]
     assert data["config"]["skipped"]["torch"] == "disabled by --no-torch"
 
 
@@ -299,6 +301,7 @@ def test_cuda_mode_plumbing_with_fake_cuda(tmp_path):
             prims = op_res["ceiling"]["primitives"]
             assert list(prims["copy"]["impls"]) == ["torch .copy_",
                                                     "stochdepth _core.stream_copy_raw"]
+            assert list(prims["add"]["impls"]) == ["torch.add(out=)", ceiling.SD_ADD]
         assert "fill" in case["ops"]["fwdbwd"]["ceiling"]["primitives"]
 
 
@@ -352,10 +355,11 @@ def test_op_ceiling_is_the_best_implementation_in_the_ops_mix():
     # copy rate: (1 + k) / 2 copies = 0.875 ms; the op's mix: k copies + (1 - k) fills = 0.8125
     assert c["model"] == "copy on kept rows, fill on dropped"
     assert c["ms"] == pytest.approx(0.8125) and c["gbps"] == pytest.approx(nbytes / 0.8125e6)
-    # With only copies measured, the copy-rate model stands alone.
+    # With only copies measured, the copy-rate model stands alone; the other says what it lacks.
     only_copy = {k2: v for k2, v in summaries.items() if ":copy:" in k2}
     c = ceiling.op_ceiling("bwd", k, t, nbytes, only_copy)
     assert c["model"] == "copy rate" and c["ms"] == pytest.approx(0.875)
+    assert [m.get("missing") for m in c["models"]] == [None, ["fill"]]
 
 
 @pytest.mark.parametrize("op", ["fwd", "fwd_out", "fwd_inplace", "infer", "bwd", "fwdbwd"])
