@@ -12,11 +12,9 @@ import time
 import numpy as np
 
 from stochdepth.bench.cases import MODE, SCALING, SEED, np_dtype, np_to_torch
+from stochdepth.bench.timing import POST_COMPILE_CALLS
 
 __all__ = ["CpuCase"]
-
-POST_COMPILE_CALLS = 5  # untimed calls right after torch.compile's first (compiling) call
-
 
 def _every(n, action):
     """A setup that runs `action` (untimed) before every n-th call."""

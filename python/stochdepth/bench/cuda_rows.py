@@ -12,11 +12,9 @@ import time
 import numpy as np
 
 from stochdepth.bench.cases import MODE, SCALING, SEED
+from stochdepth.bench.timing import POST_COMPILE_CALLS
 
 __all__ = ["CudaCase", "cuda_device"]
-
-POST_COMPILE_CALLS = 5  # untimed calls right after torch.compile's first (compiling) call
-
 
 def cuda_device(torch):
     """(torch.device, ordinal) of the current CUDA device (one place, so a dry run can swap it)."""

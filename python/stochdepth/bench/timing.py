@@ -15,7 +15,12 @@ import time
 
 from stochdepth.bench._util import median, short_error
 
-__all__ = ["CpuTimer", "CudaTimer", "Entry", "TimingPlan", "interleave", "summarize"]
+__all__ = ["CpuTimer", "CudaTimer", "Entry", "TimingPlan", "interleave", "summarize",
+           "POST_COMPILE_CALLS"]
+
+# Untimed calls right after torch.compile's first (compiling) call, before the warm-up: a freshly
+# compiled function stays slow for its first few calls.
+POST_COMPILE_CALLS = 5
 
 
 class TimingPlan:
