@@ -1,4 +1,5 @@
-"""The Keras bench rows (stochdepth._keras_bench) on a tiny case: they run and say what they timed.
+"""The Keras bench rows (stochdepth.bench.keras_rows) on a tiny case: they run, say what they
+timed.
 
 Only in the torch-backend process: the rows are taken on Keras's torch backend (elsewhere the
 function would start a torch-backend subprocess, which the torch run covers anyway).

@@ -1,7 +1,7 @@
-"""`python -m stochdepth.bench`: see stochdepth.bench for what it measures."""
+"""`python -m stochdepth.bench`: see stochdepth.bench.cli for the options."""
 
 import sys
 
-from stochdepth.bench import main
+from stochdepth.bench.cli import main
 
 sys.exit(main())
