@@ -56,7 +56,11 @@ void check_out(const ArrayView& out, const ArrayView& like, const char* like_nam
                 shape_str(out.shape));
   }
   check_layout(out, "out");
-  if (!out.writable) value_error("out must be writable, got a read-only array");
+  if (!out.writable) {
+    value_error(
+        "out must be writable, got a read-only array (a read-only NumPy array, a read-only "
+        "DLPack tensor, or an immutable JAX or TensorFlow array)");
+  }
 }
 
 void check_device(const ArrayView& v, const ArrayView& ref, const char* name,
@@ -226,6 +230,7 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
   if (batch > (int64_t{1} << 40))
     value_error("batch must be at most 2**40, got " + std::to_string(batch));
+  if (seed.is_none()) seed_arg(seed, true, "(mask always draws)");  // before the others
   const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
                                py::str("inference"), py::none());
   py::array_t<bool> keep(batch);
@@ -345,12 +350,16 @@ PYBIND11_MODULE(_core, m) {
     d["cuda_device_count"] = cuda_device_count();
     d["num_threads"] = num_threads();
     d["parallel_threshold_bytes"] = parallel_threshold_bytes();
+    d["max_threads"] = kMaxThreads;
+    d["cache_limit_bytes"] = cpu_cache_limit_bytes();  // reads STOCHDEPTH_CACHE_MB
     return d;
   });
   // ISA names are converted here, once; the core sees the Isa enum.
   m.def("set_isa", [](const std::string& name) { set_isa(supported_isa(name)); }, py::arg("name"));
   m.def("get_isa", [] { return std::string(isa_name(active_isa())); });
-  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def(
+      "set_num_threads", [](py::object n) { set_num_threads(num_threads_arg(n, kMaxThreads)); },
+      py::arg("n"));
   m.def("get_num_threads", &num_threads);
   m.def("set_parallel_threshold", &set_parallel_threshold_bytes, py::arg("bytes"));
   m.def("get_parallel_threshold", &parallel_threshold_bytes);
