@@ -96,10 +96,25 @@ void* stream_ptr(std::optional<int64_t> stream) {
   return reinterpret_cast<void*>(stream.value_or(0));
 }
 
+// Runs f() with the GIL released. Not py::gil_scoped_release: at interpreter exit CPython ends a
+// daemon thread that asks for the GIL back with pthread_exit, and that forced unwind leaving a
+// destructor (noexcept) would abort the whole process ("terminate called without an active
+// exception"). Reacquired here in plain code, the unwind ends the thread quietly.
+template <class F>
+void without_gil(F&& f) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    f();
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+}
+
 void run(const DropPathParams& p, Device device, std::optional<int64_t> stream) {
   if (p.numel() == 0) return;
-  py::gil_scoped_release release;
-  drop_path(p, device, stream_ptr(stream));
+  without_gil([&] { drop_path(p, device, stream_ptr(stream)); });
 }
 
 // run_raw's and stream_copy_raw's device: a CUDA ordinal, or negative for the CPU.
@@ -279,14 +294,14 @@ void stream_copy_arrays(py::object dst, py::object src) {
   check_device(d, s, "dst", "src");
   if (d.device.kind != DeviceKind::kCPU)
     value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
-  py::gil_scoped_release release;
-  stochdepth::stream_copy(d.data, s.data, d.nbytes(), d.device, nullptr);
+  without_gil([&] { stochdepth::stream_copy(d.data, s.data, d.nbytes(), d.device, nullptr); });
 }
 
 void stream_copy_raw(uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
-  py::gil_scoped_release release;
-  stochdepth::stream_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
-                          raw_device(device), reinterpret_cast<void*>(stream));
+  without_gil([&] {
+    stochdepth::stream_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                            nbytes, raw_device(device), reinterpret_cast<void*>(stream));
+  });
 }
 
 std::vector<std::string> names(const std::vector<Isa>& isas) {
