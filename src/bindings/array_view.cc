@@ -179,7 +179,8 @@ ArrayView view_capsule(py::object cap, const char* name) {
 // tensor) becomes a TypeError naming the argument, chained to the producer's error.
 [[noreturn]] void export_failed(py::error_already_set& e, const char* name, const char* method) {
   if (!e.matches(PyExc_Exception) || e.matches(PyExc_MemoryError)) throw;
-  const std::string why = std::string(py::str(e.type().attr("__name__"))) + ": " + e.what();
+  const std::string why =
+      std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
   py::raise_from(e, PyExc_TypeError,
                  (std::string(name) + " must be an array that DLPack can export, but " + name +
                   "." + method + "() raised " + why)
