@@ -361,6 +361,23 @@ bool immutable_producer(py::handle obj) {
   return false;
 }
 
+// torch exports a lazy negation view (`x._neg_view()`, `-x` of a conjugate view) through DLPack
+// as its memory, without the negation: read so, it would be a silently wrong result.
+void refuse_lazy_negation(py::handle obj, const char* name) {
+  if (!py::hasattr(obj, "is_neg")) return;
+  bool neg = false;
+  try {
+    neg = obj.attr("is_neg")().cast<bool>();
+  } catch (py::error_already_set&) {  // not torch's is_neg(): nothing to resolve
+  } catch (py::cast_error&) {
+  }
+  if (neg) {
+    type_error(std::string(name) +
+               " is a lazy negation view (its memory holds the values without the sign): "
+               "pass x.resolve_neg(), or use stochdepth.torch, which resolves it");
+  }
+}
+
 // A dl_device argument of Array.__dlpack__: None, or (type, id) naming this array's device.
 void check_export_device(const Array& a, py::object dl_device) {
   if (dl_device.is_none()) return;
@@ -431,6 +448,7 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
     return v;
   }
   if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
+    refuse_lazy_negation(obj, name);
     ArrayView v = view_dlpack(obj, name, stream);
     if (immutable_producer(obj)) v.writable = false;
     return v;
