@@ -45,9 +45,32 @@ def test_active_isa_as_expected():
     assert "scalar" in info["cpu_isas_compiled"]
 
 
-def test_no_gpu_means_zero_devices_not_an_error():
-    # On a machine without a driver the CUDA build must still import and report 0 devices.
-    assert stochdepth.build_info()["cuda_device_count"] >= 0
+def _gpu_device_files():
+    return sorted(pathlib.Path("/dev").glob("nvidia[0-9]*"))
+
+
+def test_cuda_device_count_matches_the_machine():
+    # On a machine without a GPU (no /dev/nvidiaN) or a build without CUDA the count is 0, not
+    # an error; with a GPU visible to a CUDA build it is at least 1.
+    info = stochdepth.build_info()
+    count = info["cuda_device_count"]
+    assert type(count) is int, type(count)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not info["cuda_compiled"] or not _gpu_device_files() or visible in ("", "-1"):
+        assert count == 0, info
+    elif visible is None:
+        assert 1 <= count <= len(_gpu_device_files()), info
+
+
+def test_no_visible_device_means_zero_devices_not_an_error():
+    import subprocess
+    import sys
+
+    code = "import stochdepth; print(stochdepth.build_info()['cuda_device_count'])"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "0"
 
 
 def test_import_does_not_import_frameworks():

@@ -18,6 +18,9 @@ import numpy as _np
 from . import _core, reference
 from ._core import Array
 
+# build_info() reads every environment setting (STOCHDEPTH_CPU, STOCHDEPTH_NUM_THREADS,
+# STOCHDEPTH_CACHE_MB): a bad value fails the import with a ValueError naming the variable
+# (docs/design.md, "Errors").
 __version__ = _core.build_info()["version"]
 __all__ = [
     "Array",
@@ -35,8 +38,6 @@ __all__ = [
 ]
 
 _core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
-# Reads STOCHDEPTH_CPU now: an unknown or unsupported ISA fails the import (ValueError).
-_core.get_isa()
 
 
 def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offset=0, mode="row",
@@ -91,7 +92,12 @@ def build_info():
 
 
 def set_num_threads(n):
-    """Threads used for large CPU tensors (default: all cores, or STOCHDEPTH_NUM_THREADS)."""
+    """Threads used for large CPU tensors (default: all cores, or STOCHDEPTH_NUM_THREADS).
+
+    `n` is an integer in [1, 256] (256: `build_info()["max_threads"]`); a bool or non-integer
+    is a TypeError, anything out of range a ValueError. Threads that cannot start (a thread
+    limit) mean fewer threads, never an error or a hang.
+    """
     _core.set_num_threads(n)
 
 

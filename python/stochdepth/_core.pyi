@@ -85,6 +85,8 @@ class _BuildInfo(TypedDict):
     cuda_device_count: int
     num_threads: int
     parallel_threshold_bytes: int
+    max_threads: int
+    cache_limit_bytes: int
 
 # ---- the op on arrays (the package's forward / backward / mask pass every argument)
 

@@ -2,8 +2,6 @@
 // no call into the core.
 #include "bindings/args.h"
 
-#include <limits>
-
 namespace stochdepth {
 namespace {
 
@@ -35,12 +33,39 @@ double survival_prob_arg(py::handle obj) {
   return p;
 }
 
-int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
-  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
-    type_error(std::string(name) + " must be " + expected + ", got " + type_name(obj));
+namespace {
+
+// What `obj` is, for a message: its type, and its shape when it is an array.
+std::string describe(py::handle obj) {
+  std::string s = type_name(obj);
+  if (py::hasattr(obj, "shape") && py::hasattr(obj, "dtype")) {
+    try {
+      s += " of shape " + std::string(py::str(obj.attr("shape")));
+    } catch (py::error_already_set&) {  // a shape that cannot be printed: the type says enough
+    }
   }
-  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
-  if (!v) throw py::error_already_set();
+  return s;
+}
+
+// `obj` as a Python int: an int or an object with __index__ (NumPy integer scalars), not a bool.
+// Anything else, including arrays (whose __index__ refuses), is a TypeError naming `name`.
+py::int_ index_arg(py::handle obj, const char* name, const std::string& expected) {
+  const auto refuse = [&] {
+    type_error(std::string(name) + " must be " + expected + ", got " + describe(obj));
+  };
+  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) refuse();
+  PyObject* v = PyNumber_Index(obj.ptr());
+  if (!v) {
+    PyErr_Clear();
+    refuse();
+  }
+  return py::reinterpret_steal<py::int_>(v);
+}
+
+}  // namespace
+
+int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
+  const py::int_ v = index_arg(obj, name, expected);
   int overflow = 0;
   const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow != 0)
@@ -49,11 +74,7 @@ int64_t i64_arg(py::handle obj, const char* name, const char* expected) {
 }
 
 uint64_t u64_arg(py::handle obj, const char* name) {
-  if (is_bool(obj) || !(PyLong_Check(obj.ptr()) || py::hasattr(obj, "__index__"))) {
-    type_error(std::string(name) + " must be an integer in [0, 2**64), got " + type_name(obj));
-  }
-  py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(obj.ptr()));
-  if (!v) throw py::error_already_set();
+  const py::int_ v = index_arg(obj, name, "an integer in [0, 2**64)");
   int overflow = 0;
   const long long as_ll = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
   if (overflow < 0 || (overflow == 0 && as_ll < 0)) {
@@ -67,12 +88,22 @@ uint64_t u64_arg(py::handle obj, const char* name) {
   return u;
 }
 
-uint64_t seed_arg(py::handle obj, bool training) {
+uint64_t seed_arg(py::handle obj, bool training, const char* when) {
   if (obj.is_none()) {
     if (!training) return 0;  // inference draws nothing
-    type_error("seed must be an integer in [0, 2**64) when training=True, got None");
+    type_error(std::string("seed must be an integer in [0, 2**64) ") + when + ", got None");
   }
   return u64_arg(obj, "seed");
+}
+
+int64_t num_threads_arg(py::handle obj, int64_t max) {
+  const std::string range = "an integer in [1, " + std::to_string(max) + "]";
+  const py::int_ v = index_arg(obj, "num_threads", range);
+  int overflow = 0;
+  const long long n = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || n < 1 || n > max)
+    value_error("num_threads must be " + range + ", got " + std::string(py::str(v)));
+  return n;
 }
 
 bool bool_arg(py::handle obj, const char* name) {
@@ -106,11 +137,12 @@ std::optional<int64_t> stream_arg(py::handle obj) {
 }
 
 int64_t axis_arg(py::handle obj, size_t ndim) {
-  const int64_t axis = i64_arg(obj, "axis", "an integer");
-  if (axis == std::numeric_limits<int64_t>::min()) value_error("axis is out of range");
+  const py::int_ v = index_arg(obj, "axis", "an integer");
   const int64_t n = static_cast<int64_t>(ndim);
-  if (axis < -n || axis >= n) {
-    value_error("axis " + std::to_string(axis) + " is out of range for an array of rank " +
+  int overflow = 0;
+  const long long axis = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || axis < -n || axis >= n) {  // values past int64 are out of range too
+    value_error("axis " + std::string(py::str(v)) + " is out of range for an array of rank " +
                 std::to_string(n) + " (expected -" + std::to_string(n) + " <= axis < " +
                 std::to_string(n) + ")");
   }

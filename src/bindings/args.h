@@ -20,9 +20,14 @@ std::string type_name(py::handle obj);  // the Python type's __name__, for messa
 double survival_prob_arg(py::handle obj);  // a real number in [0, 1], not NaN, not a bool
 // An integer (or __index__) argument as int64; out of range is a ValueError naming it.
 int64_t i64_arg(py::handle obj, const char* name, const char* expected);
+// An array or another non-integer (even one whose __index__ raises) is a TypeError naming it.
 uint64_t u64_arg(py::handle obj, const char* name);  // an integer in [0, 2**64)
-uint64_t seed_arg(py::handle obj, bool training);    // like u64_arg; None only when not training
-bool bool_arg(py::handle obj, const char* name);     // a bool (or the integers 0 and 1)
+// Like u64_arg; None only when not training. `when` ends the message for None ("when
+// training=True"; `mask` says its own).
+uint64_t seed_arg(py::handle obj, bool training, const char* when = "when training=True");
+// A thread count in [1, max]: bools and non-integers are a TypeError, the rest a ValueError.
+int64_t num_threads_arg(py::handle obj, int64_t max);
+bool bool_arg(py::handle obj, const char* name);  // a bool (or the integers 0 and 1)
 // One of two strings; returns true for `b`.
 bool choice_arg(py::handle obj, const char* name, const char* a, const char* b);
 Scaling scaling_arg(py::handle obj);                // "inference" or "training"

@@ -2,6 +2,9 @@
 // only: the checks of what an op accepts are in module.cc, and memory comes from the core.
 #include "array_view.h"
 
+#include <pybind11/stl.h>
+
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 
@@ -30,6 +33,12 @@ bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strides_elem
 }
 
 DType dtype_from_numpy(const py::dtype& dt, const char* name) {
+  // Read as native, a big-endian array gives garbage, not an error: refuse it.
+  if (!dt.attr("isnative").cast<bool>()) {
+    type_error(std::string(name) + " must have the machine's native byte order, got dtype '" +
+               std::string(py::str(dt.attr("str"))) +
+               "' (x.astype(x.dtype.newbyteorder('=')) makes a native copy)");
+  }
   if (dt.kind() == 'f') {
     switch (dt.itemsize()) {
       case 2:
@@ -64,8 +73,13 @@ DType dtype_from_dlpack(DLDataType t, const char* name) {
 
 Device device_from_dlpack(DLDevice d, const char* name) {
   if (d.device_type == kDLCPU || d.device_type == kDLCUDAHost) return {DeviceKind::kCPU, 0};
-  if (d.device_type == kDLCUDA || d.device_type == kDLCUDAManaged)
+  if (d.device_type == kDLCUDA || d.device_type == kDLCUDAManaged) {
+    if (d.device_id < 0) {
+      value_error(std::string(name) + " must be on a CUDA device with an id >= 0, got id " +
+                  std::to_string(d.device_id));
+    }
     return {DeviceKind::kCUDA, d.device_id};
+  }
   value_error(std::string(name) + " must be on the CPU or a CUDA device, got DLPack device type " +
               std::to_string(d.device_type));
 }
@@ -86,21 +100,59 @@ ArrayView view_numpy(const py::array& arr, const char* name) {
   return v;
 }
 
+// The producer's shape, checked: a sane rank, a shape array, no negative dimension, an element
+// and byte count that fit in int64, and data behind any non-empty shape. A producer is not
+// trusted with any of these: a lie would be a crash or a silently empty result.
+void checked_shape(const DLTensor& t, DType dtype, const char* name, std::vector<int64_t>& shape) {
+  constexpr int32_t kMaxRank = 64;  // NumPy's own bound
+  if (t.ndim < 0 || t.ndim > kMaxRank) {
+    value_error(std::string(name) + " must have a rank in [0, " + std::to_string(kMaxRank) +
+                "], got a DLPack tensor of rank " + std::to_string(t.ndim));
+  }
+  if (t.ndim > 0 && !t.shape) {
+    value_error(std::string(name) + " is a DLPack tensor of rank " + std::to_string(t.ndim) +
+                " with no shape (a NULL shape pointer)");
+  }
+  shape.assign(t.shape, t.shape + t.ndim);
+  int64_t bytes = static_cast<int64_t>(dtype_size(dtype));
+  for (int64_t d : shape) {
+    if (d < 0) {
+      value_error(std::string(name) + " must have dimensions >= 0, got shape " + shape_str(shape));
+    }
+  }
+  bool empty = false;
+  for (int64_t d : shape) empty = empty || d == 0;
+  if (!empty) {
+    for (int64_t d : shape) {
+      if (__builtin_mul_overflow(bytes, d, &bytes)) {
+        value_error(std::string(name) + " has shape " + shape_str(shape) + " of " +
+                    dtype_name(dtype) + ", more than 2**63 bytes: a malformed DLPack tensor");
+      }
+    }
+    if (!t.data) {
+      value_error(std::string(name) + " has shape " + shape_str(shape) +
+                  " but a NULL data pointer: a malformed DLPack tensor");
+    }
+  }
+}
+
 template <class Managed>
 ArrayView view_managed(Managed* m, const char* name, bool read_only) {
-  const DLTensor& t = m->dl_tensor;
   ArrayView v;
-  v.dtype = dtype_from_dlpack(t.dtype, name);
-  v.device = device_from_dlpack(t.device, name);
-  v.data = static_cast<char*>(t.data) + t.byte_offset;
-  v.shape.assign(t.shape, t.shape + t.ndim);
-  v.contiguous = c_contiguous(v.shape, t.strides);
-  v.aligned = reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
-  v.writable = !read_only;
+  // Ours from here (the capsule is renamed): the view owns it before anything can throw, so a
+  // refused tensor is released too, exactly once. shared_ptr calls the deleter if it throws.
   v.keep_alive = std::shared_ptr<void>(m, [](void* p) {
     auto* mt = static_cast<Managed*>(p);
     if (mt->deleter) mt->deleter(mt);
   });
+  const DLTensor& t = m->dl_tensor;
+  v.dtype = dtype_from_dlpack(t.dtype, name);
+  v.device = device_from_dlpack(t.device, name);
+  checked_shape(t, v.dtype, name, v.shape);
+  v.data = t.data ? static_cast<char*>(t.data) + t.byte_offset : nullptr;
+  v.contiguous = c_contiguous(v.shape, t.strides);
+  v.aligned = reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
+  v.writable = !read_only;
   return v;
 }
 
@@ -123,9 +175,47 @@ ArrayView view_capsule(py::object cap, const char* name) {
   type_error(std::string(name) + ".__dlpack__() did not return a DLPack capsule");
 }
 
+// A producer's own failure to export (a torch tensor that requires grad, a sparse or a meta
+// tensor) becomes a TypeError naming the argument, chained to the producer's error.
+[[noreturn]] void export_failed(py::error_already_set& e, const char* name, const char* method) {
+  if (!e.matches(PyExc_Exception) || e.matches(PyExc_MemoryError)) throw;
+  const std::string why =
+      std::string(py::str(e.type().attr("__name__"))) + ": " + std::string(py::str(e.value()));
+  py::raise_from(e, PyExc_TypeError,
+                 (std::string(name) + " must be an array that DLPack can export, but " + name +
+                  "." + method + "() raised " + why)
+                     .c_str());
+  throw py::error_already_set();
+}
+
+// The producer's __dlpack_device__(): the DLPack device type, checked to be a pair of integers.
+int32_t dlpack_device_type(py::handle obj, const char* name) {
+  py::object dev;
+  try {
+    dev = obj.attr("__dlpack_device__")();
+  } catch (py::error_already_set& e) {
+    export_failed(e, name, "__dlpack_device__");
+  }
+  const auto malformed = [&] {
+    type_error(std::string(name) +
+               ".__dlpack_device__() must return a (device_type, device_id) pair of integers, "
+               "got " +
+               std::string(py::repr(dev)));
+  };
+  if (!py::isinstance<py::tuple>(dev) || py::len(dev) != 2) malformed();
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(dev);
+  for (py::handle x : t) {
+    if (PyBool_Check(x.ptr()) || !py::hasattr(x, "__index__")) malformed();
+  }
+  try {
+    return t[0].cast<int32_t>();
+  } catch (py::cast_error&) {
+    malformed();
+  }
+}
+
 ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream) {
-  py::tuple dev = obj.attr("__dlpack_device__")();
-  const int32_t dev_type = dev[0].cast<int32_t>();
+  const int32_t dev_type = dlpack_device_type(obj, name);
   py::object stream_arg = py::none();
   if (dev_type == kDLCUDA || dev_type == kDLCUDAManaged) {
     // DLPack: 1 is CUDA's legacy default stream, the one we use when none is given.
@@ -133,31 +223,54 @@ ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> s
   }
   py::object cap;
   try {
-    cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
-                                 py::arg("max_version") = py::make_tuple(1, 0));
+    try {
+      cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
+                                   py::arg("max_version") = py::make_tuple(1, 0));
+    } catch (py::error_already_set& e) {
+      if (!e.matches(PyExc_TypeError)) throw;  // an older producer without max_version
+      cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg);
+    }
   } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError)) throw;  // an older producer without max_version
-    cap = obj.attr("__dlpack__")(py::arg("stream") = stream_arg);
+    export_failed(e, name, "__dlpack__");
   }
   return view_capsule(cap, name);
 }
 
 // ---- stochdepth.Array's own DLPack export
 
+// One export: the tensor a consumer gets, and what keeps the buffer alive. It is shared by the
+// capsule and the consumer (two references) and freed when both are done, so that the deleter
+// is idempotent: a consumer that calls it and then leaves the capsule unrenamed (torch does, on
+// an error path) or calls it twice does not free anything twice.
 struct ExportCtx {
   std::shared_ptr<Buffer> buffer;
   std::vector<int64_t> shape;
   DLManagedTensor managed{};
+  std::atomic<int> refs{2};
+  std::atomic<bool> released{false};
 };
 
-void export_deleter(DLManagedTensor* m) { delete static_cast<ExportCtx*>(m->manager_ctx); }
+void unref(ExportCtx* ctx) {
+  if (ctx->refs.fetch_sub(1) == 1) delete ctx;
+}
+
+void export_deleter(DLManagedTensor* m) {
+  auto* ctx = static_cast<ExportCtx*>(m->manager_ctx);
+  if (ctx->released.exchange(true)) return;  // already released: nothing more to do
+  ctx->buffer.reset();
+  unref(ctx);
+}
 
 void capsule_destructor(PyObject* cap) {
-  // Unconsumed capsules still own their tensor; consumed ones were renamed "used_dltensor".
-  if (PyCapsule_IsValid(cap, "dltensor")) {
-    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-    m->deleter(m);
+  // An unconsumed capsule still owns its tensor; a consumed one was renamed "used_dltensor" and
+  // its consumer calls the deleter. Either way the capsule drops its own reference.
+  auto* ctx = static_cast<ExportCtx*>(PyCapsule_GetContext(cap));
+  if (!ctx) {
+    PyErr_Clear();
+    return;
   }
+  if (PyCapsule_IsValid(cap, "dltensor")) export_deleter(&ctx->managed);
+  unref(ctx);
 }
 
 DLDataType dl_dtype(DType d) {
@@ -188,6 +301,11 @@ py::capsule to_dlpack(const Array& a) {
   ctx->managed.deleter = &export_deleter;
   PyObject* cap = PyCapsule_New(&ctx->managed, "dltensor", &capsule_destructor);
   if (!cap) {
+    delete ctx;
+    throw py::error_already_set();
+  }
+  if (PyCapsule_SetContext(cap, ctx) != 0) {  // cannot fail for a valid capsule
+    Py_DECREF(cap);  // its destructor finds no context and leaves ctx alone
     delete ctx;
     throw py::error_already_set();
   }
@@ -227,6 +345,56 @@ py::array numpy_view(const std::shared_ptr<Buffer>& buffer, const std::vector<in
   return py::array(py::dtype::from_args(numpy_dtype(dtype)),
                    std::vector<py::ssize_t>(shape.begin(), shape.end()),
                    c_strides(shape, dtype_size(dtype)), buffer->ptr, base);
+}
+
+// JAX and TensorFlow arrays are immutable, yet export writable DLPack tensors without the
+// read-only flag: writing through one (as `out`) would change a value its framework assumes
+// constant. Recognised by the module of their type or one of its bases.
+bool immutable_producer(py::handle obj) {
+  for (py::handle base : py::type::of(obj).attr("__mro__")) {
+    const std::string mod = py::str(base.attr("__module__"));
+    for (const char* root : {"jax", "jaxlib", "tensorflow"}) {
+      const size_t n = std::strlen(root);
+      if (mod.compare(0, n, root) == 0 && (mod.size() == n || mod[n] == '.')) return true;
+    }
+  }
+  return false;
+}
+
+// torch exports a lazy negation view (`x._neg_view()`, `-x` of a conjugate view) through DLPack
+// as its memory, without the negation: read so, it would be a silently wrong result.
+void refuse_lazy_negation(py::handle obj, const char* name) {
+  if (!py::hasattr(obj, "is_neg")) return;
+  bool neg = false;
+  try {
+    neg = obj.attr("is_neg")().cast<bool>();
+  } catch (py::error_already_set&) {  // not torch's is_neg(): nothing to resolve
+  } catch (py::cast_error&) {
+  }
+  if (neg) {
+    type_error(std::string(name) +
+               " is a lazy negation view (its memory holds the values without the sign): "
+               "pass x.resolve_neg(), or use stochdepth.torch, which resolves it");
+  }
+}
+
+// A dl_device argument of Array.__dlpack__: None, or (type, id) naming this array's device.
+void check_export_device(const Array& a, py::object dl_device) {
+  if (dl_device.is_none()) return;
+  const Device own = a.buffer->device;
+  bool same = false;
+  try {
+    const auto d = dl_device.cast<std::pair<int32_t, int32_t>>();
+    same = d.first == static_cast<int32_t>(own.kind) && d.second == own.id;
+  } catch (py::cast_error&) {
+    throw py::type_error("dl_device must be a (device_type, device_id) pair of integers, got " +
+                         std::string(py::repr(dl_device)));
+  }
+  if (!same) {  // as NumPy does: no cross-device export without a copy
+    throw py::buffer_error("stochdepth.Array on " + own.str() +
+                           " cannot be exported to DLPack device " +
+                           std::string(py::repr(dl_device)) + " (copy is not supported)");
+  }
 }
 
 int64_t product(const std::vector<int64_t>& shape) {
@@ -280,7 +448,10 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
     return v;
   }
   if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
-    return view_dlpack(obj, name, stream);
+    refuse_lazy_negation(obj, name);
+    ArrayView v = view_dlpack(obj, name, stream);
+    if (immutable_producer(obj)) v.writable = false;
+    return v;
   }
   type_error(std::string(name) +
              " must be a NumPy array or a DLPack producer (torch, JAX, CuPy), got " +
@@ -324,7 +495,7 @@ cupy.from_dlpack, jax.dlpack.from_dlpack or np.from_dlpack (no copy), or call .n
             // Our kernels ran on the stream the caller named; the consumer orders after it.
             if (!copy.is_none() && copy.cast<bool>())
               throw py::buffer_error("stochdepth.Array: copy=True is not supported");
-            (void)dl_device;
+            check_export_device(a, dl_device);
             return to_dlpack(a);
           },
           py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),

@@ -56,7 +56,11 @@ void check_out(const ArrayView& out, const ArrayView& like, const char* like_nam
                 shape_str(out.shape));
   }
   check_layout(out, "out");
-  if (!out.writable) value_error("out must be writable, got a read-only array");
+  if (!out.writable) {
+    value_error(
+        "out must be writable, got a read-only array (a read-only NumPy array, a read-only "
+        "DLPack tensor, or an immutable JAX or TensorFlow array)");
+  }
 }
 
 void check_device(const ArrayView& v, const ArrayView& ref, const char* name,
@@ -92,10 +96,25 @@ void* stream_ptr(std::optional<int64_t> stream) {
   return reinterpret_cast<void*>(stream.value_or(0));
 }
 
+// Runs f() with the GIL released. Not py::gil_scoped_release: at interpreter exit CPython ends a
+// daemon thread that asks for the GIL back with pthread_exit, and that forced unwind leaving a
+// destructor (noexcept) would abort the whole process ("terminate called without an active
+// exception"). Reacquired here in plain code, the unwind ends the thread quietly.
+template <class F>
+void without_gil(F&& f) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    f();
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+}
+
 void run(const DropPathParams& p, Device device, std::optional<int64_t> stream) {
   if (p.numel() == 0) return;
-  py::gil_scoped_release release;
-  drop_path(p, device, stream_ptr(stream));
+  without_gil([&] { drop_path(p, device, stream_ptr(stream)); });
 }
 
 // run_raw's and stream_copy_raw's device: a CUDA ordinal, or negative for the CPU.
@@ -226,6 +245,7 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   if (batch < 0) value_error("batch must be >= 0, got " + std::to_string(batch));
   if (batch > (int64_t{1} << 40))
     value_error("batch must be at most 2**40, got " + std::to_string(batch));
+  if (seed.is_none()) seed_arg(seed, true, "(mask always draws)");  // before the others
   const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
                                py::str("inference"), py::none());
   py::array_t<bool> keep(batch);
@@ -274,14 +294,14 @@ void stream_copy_arrays(py::object dst, py::object src) {
   check_device(d, s, "dst", "src");
   if (d.device.kind != DeviceKind::kCPU)
     value_error("stream_copy takes CPU arrays; use stream_copy_raw for CUDA");
-  py::gil_scoped_release release;
-  stochdepth::stream_copy(d.data, s.data, d.nbytes(), d.device, nullptr);
+  without_gil([&] { stochdepth::stream_copy(d.data, s.data, d.nbytes(), d.device, nullptr); });
 }
 
 void stream_copy_raw(uintptr_t dst, uintptr_t src, size_t nbytes, int device, int64_t stream) {
-  py::gil_scoped_release release;
-  stochdepth::stream_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), nbytes,
-                          raw_device(device), reinterpret_cast<void*>(stream));
+  without_gil([&] {
+    stochdepth::stream_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                            nbytes, raw_device(device), reinterpret_cast<void*>(stream));
+  });
 }
 
 std::vector<std::string> names(const std::vector<Isa>& isas) {
@@ -345,12 +365,16 @@ PYBIND11_MODULE(_core, m) {
     d["cuda_device_count"] = cuda_device_count();
     d["num_threads"] = num_threads();
     d["parallel_threshold_bytes"] = parallel_threshold_bytes();
+    d["max_threads"] = kMaxThreads;
+    d["cache_limit_bytes"] = cpu_cache_limit_bytes();  // reads STOCHDEPTH_CACHE_MB
     return d;
   });
   // ISA names are converted here, once; the core sees the Isa enum.
   m.def("set_isa", [](const std::string& name) { set_isa(supported_isa(name)); }, py::arg("name"));
   m.def("get_isa", [] { return std::string(isa_name(active_isa())); });
-  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def(
+      "set_num_threads", [](py::object n) { set_num_threads(num_threads_arg(n, kMaxThreads)); },
+      py::arg("n"));
   m.def("get_num_threads", &num_threads);
   m.def("set_parallel_threshold", &set_parallel_threshold_bytes, py::arg("bytes"));
   m.def("get_parallel_threshold", &parallel_threshold_bytes);

@@ -1,6 +1,6 @@
 // Output buffers for the CPU path (alloc.h): small ones from aligned_alloc, large ones mmap'ed
 // with MADV_HUGEPAGE and recycled by size, bounded by STOCHDEPTH_CACHE_MB (default 1024; 0
-// disables the cache). Device memory is not here (cuda/drop_path.cu).
+// disables the cache, at most kMaxCacheMB). Device memory is not here (cuda/drop_path.cu).
 
 // Why: a fresh large buffer costs a page fault per 4 KiB page on its first write (a 74 MiB
 // tensor: ~19,000 faults, each zeroing a page), which is more time than the op itself. Huge pages
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "env.h"
 
 namespace stochdepth {
 namespace {
@@ -23,12 +24,12 @@ namespace {
 constexpr size_t kLarge = size_t{1} << 20;  // mmap'ed and cached from this size up
 constexpr size_t kHugePage = size_t{2} << 20;
 
-size_t cache_limit() {
-  static const size_t limit = [] {
-    const char* env = std::getenv("STOCHDEPTH_CACHE_MB");
-    return (env && *env ? std::strtoull(env, nullptr, 10) : 1024ull) << 20;
-  }();
-  return limit;
+size_t cache_limit_or_zero() noexcept {
+  try {
+    return cpu_cache_limit_bytes();
+  } catch (...) {  // a bad STOCHDEPTH_CACHE_MB already failed the import; never throw from a free
+    return 0;
+  }
 }
 
 struct Block {
@@ -60,6 +61,14 @@ void* map_large(size_t size) {
 }
 
 }  // namespace
+
+size_t cpu_cache_limit_bytes() {
+  // A function-local static whose initialiser throws is retried on the next call: a bad value
+  // fails every call, not only the first.
+  static const size_t limit =
+      static_cast<size_t>(env_int("STOCHDEPTH_CACHE_MB", 0, kMaxCacheMB, 1024)) << 20;
+  return limit;
+}
 
 void* cpu_alloc(size_t bytes) {
   if (bytes < kLarge) {
@@ -95,7 +104,7 @@ void cpu_free(void* ptr, size_t bytes) {
     g_cache.push_back({ptr, size});
     g_cached += size;
     // Over the limit: drop the oldest blocks (possibly this one), so sizes in use win.
-    while (g_cached > cache_limit()) {
+    while (g_cached > cache_limit_or_zero()) {
       evicted.push_back(g_cache.front());
       g_cached -= g_cache.front().size;
       g_cache.erase(g_cache.begin());

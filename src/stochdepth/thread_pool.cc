@@ -3,12 +3,14 @@
 // parts). Not here: what a part computes (cpu_run.cc) or which ISA runs it (isa.cc).
 #include "thread_pool.h"
 
+#include "env.h"
+
 #include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdlib>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <new>
@@ -22,13 +24,9 @@ namespace stochdepth {
 namespace {
 
 int default_threads() {
-  if (const char* env = std::getenv("STOCHDEPTH_NUM_THREADS"); env && *env) {
-    const int n = std::atoi(env);
-    if (n >= 1) return n;
-    throw std::invalid_argument(
-        std::string("STOCHDEPTH_NUM_THREADS must be an integer >= 1, got ") + env);
-  }
-  return std::max(1u, std::thread::hardware_concurrency());
+  const int cores = static_cast<int>(
+      std::min<unsigned>(std::max(1u, std::thread::hardware_concurrency()), kMaxThreads));
+  return static_cast<int>(env_int("STOCHDEPTH_NUM_THREADS", 1, kMaxThreads, cores));
 }
 
 std::atomic<int> g_threads{0};  // 0: not initialised yet
@@ -76,10 +74,19 @@ class Pool {
       ++generation_;
     }
     wake_.notify_all();
-    fn(0);
+    // The workers hold a pointer to `fn`: whatever part 0 does, wait for them before returning.
+    std::exception_ptr error;
+    try {
+      fn(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
     std::unique_lock<std::mutex> lock(m_);
     done_.wait(lock, [this] { return pending_ == 0; });
     fn_ = nullptr;
+    if (!error) error = worker_error_;
+    worker_error_ = nullptr;
+    if (error) std::rethrow_exception(error);
   }
 
  private:
@@ -94,8 +101,14 @@ class Pool {
         if (part >= parts_) continue;  // this call uses fewer parts
         fn = fn_;
       }
-      (*fn)(part);
+      std::exception_ptr error;
+      try {  // an exception leaving a thread would terminate the process: hand it to the caller
+        (*fn)(part);
+      } catch (...) {
+        error = std::current_exception();
+      }
       std::lock_guard<std::mutex> lock(m_);
+      if (error && !worker_error_) worker_error_ = error;
       if (--pending_ == 0) done_.notify_one();
     }
   }
@@ -104,12 +117,17 @@ class Pool {
   std::mutex busy_, m_;
   std::condition_variable wake_, done_;
   const std::function<void(int)>* fn_ = nullptr;
+  std::exception_ptr worker_error_;
   int parts_ = 0, pending_ = 0;
   uint64_t generation_ = 0;
 };
 
 std::mutex g_pool_mutex;  // guards g_pool (creation, growth, replacement after fork)
-Pool* g_pool = nullptr;   // never destroyed: workers park until the process exits
+// Never destroyed, nor replaced while its workers live: a condition variable that a worker waits
+// on is never destroyed (glibc's pthread_cond_destroy would wait for that waiter for good), and
+// the workers park in it until the process exits. Only a forked child, which has no workers,
+// drops its copy (leaked, not destroyed) and starts its own.
+Pool* g_pool = nullptr;
 
 // A forked child has the parent's Pool object but none of its threads: forget it (leak it, its
 // std::thread objects must not be destroyed) and let the child start its own.
@@ -143,9 +161,12 @@ int num_threads() {
   return n;
 }
 
-void set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
-  g_threads.store(n);
+void set_num_threads(int64_t n) {
+  if (n < 1 || n > kMaxThreads) {
+    throw std::invalid_argument("num_threads must be an integer in [1, " +
+                                std::to_string(kMaxThreads) + "], got " + std::to_string(n));
+  }
+  g_threads.store(static_cast<int>(n));
 }
 
 int64_t parallel_threshold_bytes() { return g_parallel_threshold.load(); }
@@ -166,7 +187,13 @@ void parallel_for(int64_t total, int64_t grain, int threads, RangeFn fn) {
     return;
   }
   int parts = 0;
-  Pool* pool = pool_for(n, parts);
+  Pool* pool = nullptr;
+  try {
+    pool = pool_for(n, parts);
+  } catch (const std::bad_alloc&) {  // no memory for the pool itself: the calling thread does it
+    fn(int64_t{0}, total);
+    return;
+  }
   std::unique_lock<std::mutex> busy(pool->busy(), std::try_to_lock);
   n = parts;
   if (n <= 1 || !busy.owns_lock()) {  // no worker started, or another call is using the pool

@@ -6,8 +6,14 @@
 
 namespace stochdepth {
 
-int num_threads();            // STOCHDEPTH_NUM_THREADS, or all cores, until set_num_threads
-void set_num_threads(int n);  // n >= 1, else std::invalid_argument
+// The most threads a call may use, whatever is asked (set_num_threads, STOCHDEPTH_NUM_THREADS):
+// a bound, so that a typo (100000) cannot start a machine's worth of threads.
+constexpr int kMaxThreads = 256;
+
+// STOCHDEPTH_NUM_THREADS, or all cores (at most kMaxThreads), until set_num_threads. A bad
+// STOCHDEPTH_NUM_THREADS throws std::invalid_argument, on every call until it is fixed.
+int num_threads();
+void set_num_threads(int64_t n);  // 1 <= n <= kMaxThreads, else std::invalid_argument
 // Calls that move fewer bytes than this stay on the calling thread.
 int64_t parallel_threshold_bytes();
 void set_parallel_threshold_bytes(int64_t bytes);  // negative means 0

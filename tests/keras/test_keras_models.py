@@ -231,3 +231,34 @@ def test_torch_cuda_matches_reference(rng):
     assert_same(out.detach().cpu().numpy(), reference.forward(sc, res, 0.5, seed=8, offset=0))
     want = reference.backward(np.ones_like(sc), 0.5, seed=8, offset=0)[1]
     assert_same(b.grad.cpu().numpy(), want)
+
+
+@pytest.mark.parametrize("seed", [7, 2**40 + 2**31 + 5, None])
+def test_saved_model_continues_its_mask_sequence(rng, tmp_path, seed):
+    """Issue 10, item 16: after model.save + load_model a seeded layer draws the masks the saved
+    one would have drawn next (as the PyTorch modules do from their state_dict), not offset 0."""
+    inp_a, inp_b = keras.Input((8,)), keras.Input((8,))
+    out = StochasticDepth(0.5, seed=seed)([inp_a, inp_b])
+    model = keras.Model([inp_a, inp_b], out)
+    sc, res = pair(rng, (32, 8))
+    layer = model.layers[-1]
+    for _ in range(3):  # steps 0, 1, 2
+        layer([sc, res], training=True)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path).layers[-1]
+    resumed = to_np(loaded([sc, res], training=True))
+    continued = to_np(layer([sc, res], training=True))
+    assert_same(resumed, continued)
+    if seed is not None:
+        assert_same(resumed, reference.forward(sc, res, 0.5, seed=seed, offset=3))
+        # and a second resumed call is step 4
+        assert_same(to_np(loaded([sc, res], training=True)),
+                    reference.forward(sc, res, 0.5, seed=seed, offset=4))
+    # The weights file alone carries the state too.
+    wpath = tmp_path / "w.weights.h5"
+    model.save_weights(wpath)
+    fresh = StochasticDepth(0.5, seed=seed)
+    fresh_model = keras.Model([inp_a, inp_b], fresh([inp_a, inp_b]))
+    fresh_model.load_weights(wpath)
+    assert_same(to_np(fresh([sc, res], training=True)), to_np(layer([sc, res], training=True)))

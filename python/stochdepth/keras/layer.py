@@ -25,6 +25,7 @@ from keras import ops
 from ._philox import _LO32, _MODES, keep_mask
 
 _SCALINGS = ("inference", "training")
+_STATE_KEY = "seed_generator_state"  # the key of the saved state in the layer's weight store
 
 
 # ---- helpers
@@ -238,6 +239,30 @@ class StochasticDepth(keras.layers.Layer):
             # The mask is the layer's (seed, step) on every rank, as on the other backends.
             sync_across_ranks=True,
         )
+
+    # -- saved state: the mask sequence continues after model.save + load_model
+
+    def save_own_variables(self, store):
+        """Saves the seed generator's state [seed word, step] with the model (Keras saves only
+        trainable and non-trainable variables, not seed generators), so that a loaded model
+        draws the masks the saved one would have drawn next."""
+        super().save_own_variables(store)
+        store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(self.seed_generator.state))
+
+    def load_own_variables(self, store):
+        # The layer has no variables of its own (built in __init__ with none), so the store
+        # holds only the state; a file saved before the state was saved restarts at step 0.
+        if _STATE_KEY not in store:
+            return
+        saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
+        state = self.seed_generator.state
+        # Saved on any backend: the seed word as a uint32 and the step, rewritten in this
+        # backend's state dtype (int32 on torch stores the word as its bit pattern).
+        word = _seed_state_value(int(saved[0]) & _LO32, state.dtype)
+        value = np.array([word, int(saved[1])])
+        on_cpu = keras.backend.backend() == "torch"
+        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
+            state.assign(ops.convert_to_tensor(value, dtype=state.dtype))
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

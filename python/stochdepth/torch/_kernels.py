@@ -59,11 +59,18 @@ def _key(rng: Optional[Rng], training: bool, rank: int) -> Rng:
     return rng.for_rank(rank)
 
 
+def dense(t: Tensor) -> Tensor:
+    """`t` as the kernels read it: C-contiguous memory holding its values. A lazy negation or
+    conjugation (`t._neg_view()`, `t.conj()`) is only a bit on the tensor: `.contiguous()` keeps
+    the bit and the memory, which the kernels would read without the negation."""
+    return t.resolve_conj().resolve_neg().contiguous()
+
+
 def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scaling, rank):
     """shortcut + keep * s * src (shortcut None: keep * s * src) into a new contiguous tensor."""
-    src = src.contiguous()
+    src = dense(src)
     if shortcut is not None:
-        shortcut = shortcut.contiguous()
+        shortcut = dense(shortcut)
     seed, offset = _key(rng, training, rank)
     if use_lib_alloc(src):
         out = _core.forward(None if shortcut is None else shortcut.detach(), src.detach(),
@@ -146,9 +153,9 @@ def _compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, batch,
 
 def scatter(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch):
     """scatter_kept: the full batch, row k = shortcut[k] + s * kept[j] for the j-th kept k."""
-    kept = kept.contiguous()
+    kept = dense(kept)
     if shortcut is not None:
-        shortcut = shortcut.contiguous()
+        shortcut = dense(shortcut)
         out = torch.empty_like(shortcut)
     else:
         out = kept.new_empty((batch,) + tuple(kept.shape[1:]))
@@ -158,7 +165,7 @@ def scatter(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch):
 
 def gather(full, rng, survival_prob, batch_mode, scaling, n_kept):
     """gather_kept: s * full at the kept samples (dim 0), in order."""
-    full = full.contiguous()
+    full = dense(full)
     out = full.new_empty((n_kept,) + tuple(full.shape[1:]))
     _compact(None, full, out, rng, survival_prob, batch_mode, scaling, full.shape[0], False)
     return out
