@@ -24,14 +24,19 @@ STEPS = ["wheels", "build", "pytest", "sanitize", "compact", "bench"]
 TARGETS = ["training forward >= 90% of copy", "forward+backward >= 3x torch eager",
            "compact scatter >= 80% of copy", "compact gather >= 80% of copy"]
 
-pytestmark = pytest.mark.skipif(not stochdepth.build_info()["cuda_compiled"],
-                                reason="the dry run checks a CUDA build")
+pytestmark = [
+    pytest.mark.skipif(not stochdepth.build_info()["cuda_compiled"],
+                       reason="the dry run checks a CUDA build"),
+    pytest.mark.skipif(os.environ.get("STOCHDEPTH_IN_GPU_CHECK") == "1",
+                       reason="inside gpu_check.sh itself: its device time is for the GPU"),
+]
 
 
 def dry_run(tmp_path, timeout, **env):
     out = tmp_path / "out"
     full_env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env)
-    full_env.pop("PYTEST_ADDOPTS", None)
+    for key in ("PYTEST_ADDOPTS", "STOCHDEPTH_IN_GPU_CHECK"):
+        full_env.pop(key, None)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=tmp_path, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.rstrip("\n").splitlines()
