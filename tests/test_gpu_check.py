@@ -64,11 +64,13 @@ def test_dry_run_every_step_passes_and_the_table_is_last(tmp_path):
 
 
 def test_shared_deadline_reports_late_steps_and_still_prints_the_table(tmp_path):
-    proc, lines, start, table, _ = dry_run(tmp_path, timeout=120, SD_BUDGET="16")
-    assert proc.returncode == 1
+    proc, lines, start, table, _ = dry_run(tmp_path, timeout=120, SD_BUDGET="20")
     late = {s: table[f"step {s}"] for s in STEPS}
-    assert late["wheels"] == "PASS" and late["build"] == "PASS", late
-    assert "FAIL" in late.values() or "NOT RUN" in late.values(), late
-    assert late["bench"] == "NOT RUN", late
-    assert "TIMED OUT" in proc.stdout or "no time left" in proc.stdout
-    assert table[TARGETS[0] + " (vit1024-bf16, out=)"] == "NOT RUN"
+    why = f"{late}\n{proc.stdout[-3000:]}"
+    assert proc.returncode == 1, why
+    assert late["wheels"] == "PASS", why
+    # 20 s minus the table's reserve cannot hold pytest, the sanitizers and both benchmarks.
+    assert late["bench"] == "NOT RUN", why
+    assert "TIMED OUT" in proc.stdout or "no time left" in proc.stdout, why
+    assert table[TARGETS[0] + " (vit1024-bf16, out=)"] == "NOT RUN", why
+    assert len(lines) - start - 2 == len(table), "nothing may follow the table"
