@@ -1,92 +1,113 @@
 #!/usr/bin/env bash
-# The GPU check, as one command for a lent GPU machine (bare: nvcc, CMake, Python 3.12 and
-# PyTorch, nothing downloadable). From the repository root:
+# The GPU check, one command for a lent GPU machine (bare: nvcc, CMake, Python and PyTorch;
+# nothing downloadable). From the repository root, with the wheels folder .whl/ carried along:
 #
-#     bash benchmarks/gpu_check.sh            # device tool: carry [".whl"], timeout_s ~540
+#     bash benchmarks/gpu_check.sh             # device tool: carry [".whl"], timeout_s ~540
+#     bash benchmarks/gpu_check.sh --dry-run   # no GPU: every step with CPU stand-ins (CI)
 #
-# 1. installs from .whl/ only the build/test packages the machine lacks or has too old;
-# 2. builds stochdepth from source with CUDA (arch 90 unless SD_CUDA_ARCH says otherwise);
-# 3. runs the whole pytest suite (CUDA tests enabled, STOCHDEPTH_EXPECT_CUDA=1) and, at the same
-#    time, the CUDA tests under compute-sanitizer memcheck, then racecheck (a subset);
-# 4. runs the GPU benchmark alone on the idle GPU (python -m stochdepth.bench --device cuda);
-# 5. prints the step summary and a short benchmark table last.
-# Everything goes to $OUT/gpu_check.log (and stdout); the benchmark's numbers to
-# $OUT/bench_cuda.json (rewritten after every op, so a timed-out benchmark keeps what it
-# measured). Exit status: 0 only if every step passed.
-# Knobs (environment): SD_CUDA_ARCH (90), SD_JOBS (16), SD_PYTEST_ARGS, SD_MEMCHECK_K,
-# SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (space-separated step names to skip).
+# Steps, under ONE deadline (SD_BUDGET seconds, default 470, the table included): a step gets
+# min(its cap, what is left); one that runs out is reported TIMED OUT and the next steps still
+# run; one that cannot start in time is NOT RUN.
+#   wheels    install from .whl/ only the build/test packages the machine lacks or has too old
+#   build     stochdepth from source with CUDA for this GPU's architecture, -lineinfo
+#   pytest    -m "not slow", a per-test timeout, JUnit XML in $OUT/pytest.xml; beside it:
+#   sanitize  compute-sanitizer memcheck and racecheck on the library's kernels only (run_kernel)
+#   bench     python -m stochdepth.bench --device cuda (JSON rewritten after every op)
+#   compact   benchmarks/gpu_compact.py: the StochasticResidual kernels vs the library's copy
+# The last thing printed is the table: each target, the measured value, PASS / FAIL / NOT RUN.
+# Everything goes to $OUT/gpu_check.log too. Exit status 0 only if every step passed.
+# Knobs: SD_BUDGET, SD_CUDA_ARCH (default: this GPU's), SD_JOBS, SD_PYTEST_ARGS, SD_MEMCHECK_K,
+# SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names), SD_DRY_RUN=1 (same as --dry-run).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
+DRY="${SD_DRY_RUN:-0}"
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT="${OUT:-/tmp/stochdepth_gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-SANLOG="$OUT/sanitizer.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
 
 PY="${PYTHON:-python3}"
-ARCH="${SD_CUDA_ARCH:-90}"
 JOBS="${SD_JOBS:-16}"
-SITE=/tmp/sd-site    # wheels carried in .whl/ that the machine lacks
-PKG=/tmp/sd-pkg      # the stochdepth build
-export PY ARCH SITE PKG  # seen by the step functions, which run in `timeout bash -c`
-export PYTHONUNBUFFERED=1 STOCHDEPTH_EXPECT_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
-export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+BUDGET="${SD_BUDGET:-470}"
+RESERVE=8 # seconds kept for the table
+SITE=/tmp/sd-site # wheels carried in .whl/ that the machine lacks
+PKG=/tmp/sd-pkg   # the stochdepth build
+STEPS="$OUT/steps.tsv"
+: >"$STEPS"
+export PY SITE PKG DRY OUT
+export STOCHDEPTH_IN_GPU_CHECK=1 # tests/test_gpu_check.py: no dry run inside the real run
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/sd-hypothesis
+if [[ "$DRY" != 1 ]]; then
+  export STOCHDEPTH_EXPECT_CUDA=1
+  export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-
-T_START=$SECONDS
-SUMMARY=()
+DEADLINE=$((SECONDS + BUDGET))
 FAILED=0
 
-# step NAME CAP_SECONDS CMD... : runs CMD under `timeout`, records rc and wall time.
+# step NAME CAP CMD... : CMD under `timeout min(CAP, time left)`; one line in $STEPS.
 step() {
   local name=$1 cap=$2
   shift 2
   if [[ " ${SD_SKIP:-} " == *" $name "* ]]; then
-    SUMMARY+=("$(printf '%-10s skipped' "$name")")
+    printf '%s\tNOT RUN\tskipped (SD_SKIP)\n' "$name" >>"$STEPS"
     return 0
   fi
+  local left=$((DEADLINE - SECONDS - RESERVE))
+  if ((left < 5)); then
+    printf '%s\tNOT RUN\tno time left before the deadline\n' "$name" >>"$STEPS"
+    FAILED=1
+    return 125
+  fi
+  ((cap > left)) && cap=$left
   local t=$SECONDS
   echo
   echo "==== [$name] $(date -u +%H:%M:%S) cap ${cap}s: $*"
-  if declare -F "$1" >/dev/null; then  # a function of this script: timeout needs a program
-    timeout --kill-after=15 "$cap" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@"
+  if declare -F "$1" >/dev/null; then # a function of this script: timeout needs a program
+    timeout --kill-after=10 "$cap" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@"
   else
-    timeout --kill-after=15 "$cap" "$@"
+    timeout --kill-after=10 "$cap" "$@"
   fi
   local rc=$?
-  local note=""
-  [[ $rc -eq 124 || $rc -eq 137 ]] && note=" (TIMED OUT at ${cap}s)"
-  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss%s' "$name" "$rc" $((SECONDS - t)) "$note")")
-  [[ $rc -ne 0 ]] && FAILED=1
+  local status=PASS note="rc=$rc, $((SECONDS - t))s"
+  [[ $rc -ne 0 ]] && status=FAIL
+  [[ $rc -eq 124 || $rc -eq 137 ]] && status=FAIL note="TIMED OUT at ${cap}s"
+  # rc 3: the step's tool cannot run on this machine (said in its output): not a failure.
+  [[ $rc -eq 3 ]] && status="NOT RUN" note="tool unavailable here, $((SECONDS - t))s"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$note" >>"$STEPS"
+  [[ $rc -ne 0 && $rc -ne 3 ]] && FAILED=1
   return $rc
 }
 
-finish() {
-  echo
-  echo "==== summary ($(($SECONDS - T_START))s in all; log $LOG)"
-  printf '  %s\n' "${SUMMARY[@]}"
-  exit "$FAILED"
-}
-
 # ---- 0. the machine
-echo "stochdepth gpu_check: $(date -u) on $(uname -n)"
-PATH="$PATH:/usr/local/nvidia/bin" nvidia-smi --format=csv,noheader \
-  --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem 2>&1 | sed 's/^/GPU: /'
-nvcc --version | tail -2
-"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__,
-  "cuda", torch.version.cuda, "| devices", torch.cuda.device_count())'
+echo "stochdepth gpu_check$([[ "$DRY" == 1 ]] && echo ' (DRY RUN: CPU stand-ins)'):" \
+  "$(date -u) on $(uname -n), budget ${BUDGET}s"
+ARCH="${SD_CUDA_ARCH:-}"
+if [[ "$DRY" != 1 ]]; then
+  PATH="$PATH:/usr/local/nvidia/bin" nvidia-smi --format=csv,noheader \
+    --query-gpu=name,driver_version,memory.total,compute_cap 2>&1 | sed 's/^/GPU: /'
+  [[ -z "$ARCH" ]] && ARCH=$(PATH="$PATH:/usr/local/nvidia/bin" nvidia-smi \
+    --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+  nvcc --version | tail -2
+fi
+ARCH="${ARCH:-90}"
+export ARCH
+"$PY" -c 'import sys; print("python", sys.version.split()[0])'
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+  "devices", torch.cuda.device_count())' 2>&1 | tail -1
 
-# ---- 1. wheels: only what is missing or older than pyproject.toml asks for
+# ---- 1. wheels: only what is missing or older than the build and the suite need
 install_wheels() {
   local need
   need=$("$PY" - <<'EOF'
 import glob, importlib.metadata as md, os, re
 from packaging.version import Version
 minimum = {"scikit-build-core": "0.10", "pybind11": "2.12", "ml-dtypes": "0.3", "pytest": "8",
-           "hypothesis": "6", "pluggy": "1.5", "iniconfig": "1"}
+           "hypothesis": "6", "pluggy": "1.5", "iniconfig": "1", "pytest-timeout": "2"}
 for whl in sorted(glob.glob(".whl/*.whl")):
     name = re.sub(r"[-_.]+", "-", os.path.basename(whl).split("-")[0]).lower()
     try:
@@ -98,7 +119,11 @@ for whl in sorted(glob.glob(".whl/*.whl")):
 EOF
   ) || return 1
   if [[ -z "$need" ]]; then
-    echo "every build/test package is already installed"
+    echo "every build/test package is already installed (or .whl/ is empty)"
+    return 0
+  fi
+  if [[ "$DRY" == 1 ]]; then
+    echo "dry run: would install into $SITE:" $need
     return 0
   fi
   echo "installing into $SITE:" $need
@@ -106,102 +131,148 @@ EOF
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" $need
 }
-step wheels 60 install_wheels || finish
+step wheels 60 install_wheels
 
-# ---- 2. build from source, CUDA required
+# ---- 2. build from source, CUDA required, -lineinfo for compute-sanitizer
 build() {
-  rm -rf "$PKG"
-  STOCHDEPTH_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps --no-index \
-    --no-cache-dir --target "$PKG" \
-    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" -Cbuild-dir=/tmp/sd-build . &&
-    (cd /tmp && "$PY" - <<'EOF'
-import json, stochdepth
+  local check='import json, stochdepth
 info = stochdepth.build_info()
 print(json.dumps(info))
-assert stochdepth.__file__.startswith("/tmp/sd-pkg"), stochdepth.__file__
-assert info["cuda_compiled"] and info["cuda_device_count"] > 0, "CUDA not compiled in or no GPU"
-EOF
-    )
+assert info["cuda_compiled"], "CUDA not compiled in"
+from stochdepth import _cuda_emulator  # noqa: F401  (the CI tests of the kernels)
+'
+  if [[ "$DRY" == 1 ]]; then
+    echo "dry run: would build with -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH-real" \
+      "-Ccmake.define.STOCHDEPTH_CUDA_LINEINFO=ON; checking the installed package instead"
+    "$PY" -c "$check"
+    return
+  fi
+  rm -rf "$PKG"
+  STOCHDEPTH_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps --no-index \
+    --no-cache-dir --target "$PKG" -Cbuild-dir=/tmp/sd-build \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH-real" \
+    -Ccmake.define.STOCHDEPTH_CUDA_LINEINFO=ON . &&
+    (cd /tmp && "$PY" -c "$check
+assert stochdepth.__file__.startswith('$PKG'), stochdepth.__file__
+assert info['cuda_device_count'] > 0, 'no GPU seen'")
 }
-step build 150 build || finish
+# tests/test_build_info.py then expects this arch alone (a dry run keeps the caller's build).
+[[ "$DRY" == 1 ]] || export STOCHDEPTH_EXPECT_CUDA_ARCHS="$ARCH-real"
+BUILD_OK=1
+step build 240 build || BUILD_OK=0
 
-# ---- 3. the whole suite, with the sanitizers beside it (functional runs; nothing timed)
+# ---- 3. pytest, with the sanitizers beside it (functional runs; nothing timed)
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
   /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
-MEMCHECK_K="${SD_MEMCHECK_K:-bf16 or mask or raw or stream or empty or outlives or mismatch}"
-RACECHECK_K="${SD_RACECHECK_K:-bf16 and (reference or misaligned)}"
-sanitizers() {
-  [[ " ${SD_SKIP:-} " == *" sanitize "* ]] && { echo "skipped (SD_SKIP)"; return 0; }
-  [[ -n "$SAN" ]] || { echo "compute-sanitizer not found"; return 1; }
-  local rc=0
-  # Every tensor its own cudaMalloc, so that memcheck sees the end of each buffer.
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  echo "== memcheck: -k '$MEMCHECK_K'"
-  timeout --kill-after=15 100 "$SAN" --tool memcheck --error-exitcode 9 --print-limit 20 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_drop_path_cuda.py -m "not slow" \
-    -k "$MEMCHECK_K" || rc=1
-  echo "== racecheck: -k '$RACECHECK_K'"
-  timeout --kill-after=15 60 "$SAN" --tool racecheck --racecheck-report analysis \
-    --error-exitcode 9 --print-limit 20 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_drop_path_cuda.py -m "not slow" \
-    -k "$RACECHECK_K" || rc=1
+export SAN
+export MEMCHECK_K="${SD_MEMCHECK_K:-bf16 or mask or raw or stream or empty or outlives or compact}"
+export RACECHECK_K="${SD_RACECHECK_K:-(bf16 and (reference or misaligned)) or compact}"
+TIMEOUT_ARGS=(-o faulthandler_timeout=60)
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(-p pytest_timeout --timeout=60)
+export TIMEOUT_ARGS_STR="${TIMEOUT_ARGS[*]}"
+sanitize() {
+  local rc=0 filter=(--kernel-name kns=run_kernel) # the library's kernels only, not torch's
+  if [[ "$DRY" != 1 ]]; then
+    [[ -n "$SAN" ]] || { echo "compute-sanitizer not found"; return 1; }
+    "$SAN" --help 2>&1 | grep -q -- --kernel-name || filter=(--filter kns=run_kernel)
+    # Some sandboxes (gVisor) refuse the sanitizer ("Device not supported"): say so, in seconds.
+    if "$SAN" --tool memcheck "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" \
+      2>&1 | grep -i "not supported"; then
+      echo "compute-sanitizer cannot run on this machine"
+      return 3
+    fi
+  fi
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1 # every tensor its own allocation: memcheck sees its end
+  local tests=tests/test_drop_path_cuda.py
+  # Dry run: the same pytest lines without the sanitizer, plus the emulated kernels' tests, so
+  # that the -k expressions select something where the GPU tests skip.
+  [[ "$DRY" == 1 ]] && tests+=" tests/test_cuda_emulated.py"
+  for tool in memcheck racecheck; do
+    local k="$MEMCHECK_K" cmd=(env)
+    [[ $tool == racecheck ]] && k="$RACECHECK_K"
+    if [[ "$DRY" != 1 ]]; then
+      cmd=("$SAN" --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}")
+      [[ $tool == racecheck ]] && cmd+=(--racecheck-report analysis)
+    fi
+    echo "== $tool (${cmd[*]}): -k '$k'"
+    # shellcheck disable=SC2086
+    "${cmd[@]}" "$PY" -m pytest -q -p no:cacheprovider $tests \
+      -m "not slow" -k "$k" $TIMEOUT_ARGS_STR || rc=1
+  done
   return $rc
 }
-(
-  t=$SECONDS
-  sanitizers >"$SANLOG" 2>&1
-  echo "$? $((SECONDS - t))" >"$OUT/.sanitizer_rc"
-) &
-SAN_PID=$!
+run_pytest() {
+  local tests=(tests)
+  # Many processes on the one GPU: the suite is mostly CPU-bound tests.
+  [[ "$DRY" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && tests=(-n 8 tests)
+  [[ "$DRY" == 1 ]] && tests=(tests/test_cuda_emulated.py tests/test_cuda_stream_args.py
+    tests/test_build_info.py)
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -p no:cacheprovider -q -rfEs --durations=8 -m "not slow" \
+    --junitxml="$OUT/pytest.xml" $TIMEOUT_ARGS_STR "${tests[@]}" ${SD_PYTEST_ARGS:-}
+}
+if [[ "$BUILD_OK" == 1 ]]; then
+  (step sanitize 200 sanitize >"$OUT/sanitizer.log" 2>&1) &
+  SAN_PID=$!
+  step pytest 200 run_pytest
+  wait "$SAN_PID" || FAILED=1
+  echo
+  echo "==== [sanitize] output (run beside pytest)"
+  cat "$OUT/sanitizer.log"
+else
+  printf '%s\tNOT RUN\tno build\n' pytest sanitize >>"$STEPS"
+fi
 
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-# shellcheck disable=SC2086
-step pytest 160 "$PY" -m pytest -p no:cacheprovider -q -rfEs --durations=8 "${XDIST[@]}" \
-  tests ${SD_PYTEST_ARGS:-}
+# ---- 4. the benchmarks, alone on the GPU; JSON rewritten as they go
+FAKE_CUDA='
+import sys, time, types, torch
+import stochdepth, stochdepth.bench.cuda_rows as cuda_rows
+from stochdepth.bench import main
+class Event:
+    def __init__(self, enable_timing=False): self.t = None
+    def record(self, stream=None): self.t = time.perf_counter_ns()
+    def elapsed_time(self, end): return (end.t - self.t) / 1e6
+props = types.SimpleNamespace(name="dry run (CPU)", major=0, minor=0, multi_processor_count=1,
+                              total_memory=2**30, L2_cache_size=2**20)
+torch.cuda.is_available = lambda: True
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_properties = lambda i: props
+torch.cuda.synchronize = lambda *a, **k: None
+torch.cuda.Event = Event
+torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(cuda_stream=0)
+torch.cuda.empty_cache = lambda: None
+cuda_rows.cuda_device = lambda t: (t.device("cpu"), -1)
+info = dict(stochdepth.build_info(), cuda_compiled=True, cuda_device_count=1)
+stochdepth.build_info = lambda: info
+sys.exit(main(sys.argv[1:]))
+'
+export FAKE_CUDA
+bench() {
+  if [[ "$DRY" == 1 ]]; then
+    "$PY" -c "$FAKE_CUDA" --device cuda --quick --no-compile --no-keras --no-progress \
+      --cases small --json "$OUT/bench_cuda.json"
+  else
+    # shellcheck disable=SC2086
+    "$PY" -m stochdepth.bench --device cuda --no-progress --no-keras \
+      --cases vit1024-bf16,vit256-f32 --json "$OUT/bench_cuda.json" ${SD_BENCH_ARGS:-}
+  fi
+}
+compact() {
+  if [[ "$DRY" == 1 ]]; then
+    "$PY" benchmarks/gpu_compact.py --dry-run --batch 64 --inner 1000 --rounds 3 \
+      --json "$OUT/compact.json"
+  else
+    "$PY" benchmarks/gpu_compact.py --json "$OUT/compact.json"
+  fi
+}
+rm -f "$OUT/bench_cuda.json" "$OUT/compact.json"
+if [[ "$BUILD_OK" == 1 ]]; then
+  step compact 60 compact
+  step bench 200 bench
+else
+  printf '%s\tNOT RUN\tno build\n' compact bench >>"$STEPS"
+fi
 
-wait "$SAN_PID"
-echo
-echo "==== [sanitize] output (run beside pytest)"
-cat "$SANLOG"
-read -r san_rc san_s <"$OUT/.sanitizer_rc" || { san_rc=1; san_s=0; }
-rm -f "$OUT/.sanitizer_rc"
-SUMMARY+=("$(printf '%-10s rc=%-3s %4ss' sanitize "$san_rc" "$san_s")")
-[[ "$san_rc" -ne 0 ]] && FAILED=1
-
-# ---- 4. the benchmark, alone on the GPU
-# shellcheck disable=SC2086
-step bench 200 "$PY" -m stochdepth.bench --device cuda --no-progress \
-  --json "$OUT/bench_cuda.json" ${SD_BENCH_ARGS:-}
-
-# ---- 5. a short table last
-echo
-echo "==== benchmark (median ms; GB/s of the bytes the op must move; % of the ceiling timed in the same rounds)"
-"$PY" - "$OUT/bench_cuda.json" <<'EOF' || true
-import json, sys
-try:
-    res = json.load(open(sys.argv[1]))
-except (OSError, ValueError) as exc:
-    sys.exit(f"no benchmark results: {exc}")
-print(f"{'case':<14}{'op':<8}{'implementation':<46}{'ms':>8}{'GB/s':>8}{'%ceil':>8}"
-      f"{'vs tv':>7}{'vs comp':>8}")
-fmt = lambda v, spec: "-" if v is None else format(v, spec)
-for case in res["cases"]:
-    for op, o in case["ops"].items():
-        c = o.get("ceiling", {})
-        cache = "; FITS IN CACHE" if o.get("fits_in_cache") else ""
-        print(f"{case['name']:<14}{op:<8}ceiling {fmt(c.get('gbps'), '.0f')} GB/s "
-              f"({c.get('model')}){cache}")
-        for r in o["rows"]:
-            if r["impl"] not in ("sd_out", "sd_alloc", "sd_adapter", "tv", "compile"):
-                continue
-            if "error" in r:
-                print(f"{case['name']:<14}{op:<8}{r['label'][:45]:<46} ERROR {r['error'][:60]}")
-                continue
-            sp = r.get("speedup", {})
-            pct = fmt(r.get("pct_ceiling"), ".1f") + ("!" if r.get("over_ceiling") else " ")
-            print(f"{case['name']:<14}{op:<8}{r['label'][:45]:<46}{r['median_ms']:8.3f}"
-                  f"{r['gbps']:8.0f}{pct:>8}{fmt(sp.get('torchvision'), '.2f'):>7}"
-                  f"{fmt(sp.get('compile'), '.2f'):>8}")
-EOF
-finish
+# ---- 5. the table, last
+"$PY" benchmarks/gpu_table.py "$OUT" "$DRY" || FAILED=1
+exit "$FAILED"

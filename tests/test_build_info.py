@@ -8,6 +8,7 @@ STOCHDEPTH_EXPECT_ISA=scalar|avx2 (CI sets both), and without them what this mac
 
 import os
 import pathlib
+import re
 import shutil
 
 import stochdepth
@@ -28,13 +29,38 @@ def test_tests_run_against_the_installed_package():
     assert pathlib.Path(stochdepth._core.__file__).name.startswith("_core.")
 
 
+def expected_cuda_architectures():
+    """STOCHDEPTH_EXPECT_CUDA_ARCHS (a build that chose its own list, e.g. gpu_check.sh), else
+    the default list, read from its one place: STOCHDEPTH_DEFAULT_CUDA_ARCHITECTURES in
+    CMakeLists.txt. As build_info() reports it: comma-separated."""
+    expect = os.environ.get("STOCHDEPTH_EXPECT_CUDA_ARCHS")
+    if expect:
+        return expect.replace(";", ",")
+    cmake = (pathlib.Path(__file__).resolve().parents[1] / "CMakeLists.txt").read_text()
+    found = re.findall(r'set\(STOCHDEPTH_DEFAULT_CUDA_ARCHITECTURES "([^"]+)"\)', cmake)
+    assert len(found) == 1, "CMakeLists.txt must set STOCHDEPTH_DEFAULT_CUDA_ARCHITECTURES once"
+    return found[0].replace(";", ",")
+
+
 def test_cuda_compiled_in_as_expected():
     expect = os.environ.get("STOCHDEPTH_EXPECT_CUDA")
     expected = expect == "1" if expect is not None else shutil.which("nvcc") is not None
     info = stochdepth.build_info()
     assert info["cuda_compiled"] is expected, info
     if expected:
-        assert "90" in info["cuda_architectures"] and "80" in info["cuda_architectures"]
+        assert info["cuda_architectures"] == expected_cuda_architectures(), info
+
+
+def test_cuda_emulator_present_exactly_with_cuda():
+    # The CUDA kernels' CI tests (test_cuda_emulated.py) skip without the emulator: a CUDA build
+    # that silently lacks it would turn them into a green run that tested nothing.
+    try:
+        from stochdepth import _cuda_emulator
+    except ImportError:
+        _cuda_emulator = None
+    assert (_cuda_emulator is not None) is stochdepth.build_info()["cuda_compiled"]
+    if _cuda_emulator is not None:
+        assert _cuda_emulator.THREADS == 256
 
 
 def test_active_isa_as_expected():

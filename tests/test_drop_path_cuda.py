@@ -8,7 +8,8 @@ element written), in place (dropped rows keep their bits), the single-input form
 awkward shapes (inner 1, 7, 8, 9, 1000003; batch 1, 2, 33; many tiles; empty), misaligned
 pointers (all alike: vector path with a head; one alone: scalar path), NaN in dropped rows (never
 read), masks vs the reference and the CPU, a non-default stream, device errors, run_raw,
-stream_copy_raw. Skipped where no GPU is present; test_build_info.py checks that CUDA is compiled.
+stream_copy_raw, the compact rows of StochasticResidual, torch's stream 0 and a consumer on
+another stream. Skipped where no GPU is present; test_build_info.py checks that CUDA is compiled.
 """
 
 from __future__ import annotations
@@ -260,15 +261,17 @@ def test_run_raw(rng, dtype):
     core = stochdepth._core
     sc, res = random_array(rng, (3, 33, 9), dtype), random_array(rng, (3, 33, 9), dtype)
     sc_t, res_t, out = to_cuda(sc), to_cuda(res), poisoned(sc.shape, dtype)
-    name = {F16: "float16", BF16: "bfloat16", F32: "float32", F64: "float64"}[dtype]
+    name = getattr(core.DType, {F16: "float16", BF16: "bfloat16", F32: "float32",
+                                F64: "float64"}[dtype])
     dev, stream = torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream
     for training, scaling in [(True, "training"), (False, "inference")]:
+        sc_enum = getattr(core.Scaling, scaling)
         core.run_raw(sc_t.data_ptr(), res_t.data_ptr(), out.data_ptr(), 3, 33, 9, name, 0.8,
-                     training, False, scaling, SEED, OFFSET, dev, stream)
+                     training, False, sc_enum, SEED, OFFSET, dev, stream)
         kw = kwargs("row", scaling, training, 1)
         assert_bits_equal(to_numpy(out), reference.forward(sc, res, 0.8, **kw), "forward")
         core.run_raw(0, res_t.data_ptr(), out.data_ptr(), 3, 33, 9, name, 0.8, training, False,
-                     scaling, SEED, OFFSET, dev, stream)
+                     sc_enum, SEED, OFFSET, dev, stream)
         assert_bits_equal(to_numpy(out), reference.backward(res, 0.8, **kw)[1], "backward")
 
 
@@ -283,3 +286,59 @@ def test_stream_copy_raw(rng, nbytes, src_off, dst_off):
     got = dst.cpu().numpy()
     np.testing.assert_array_equal(got[dst_off:dst_off + nbytes], src.cpu().numpy()[src_off:])
     assert not got[:dst_off].any() and got[-1] == 0, "wrote outside [dst, dst + nbytes)"
+
+
+# ---- the compact kernels of StochasticResidual (also emulated on the CPU: test_cuda_emulated.py)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("batch, inner", [(37, 1), (9, 7), (300, 16), (3, 8200), (1030, 2)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_compact_rows_match_reference(rng, dtype, batch, inner, mode):
+    core = stochdepth._core
+    p = 0.55
+    keep = reference.mask(batch, p, seed=SEED, offset=OFFSET, mode=mode)
+    n_kept = int(keep.sum())
+    sc, grad = random_array(rng, (batch, inner), dtype), random_array(rng, (batch, inner), dtype)
+    kept_res = random_array(rng, (n_kept, inner), dtype)
+    kw = dict(seed=SEED, offset=OFFSET, mode=mode, axis=0, scaling="training")
+    name = getattr(core.DType, {F16: "float16", BF16: "bfloat16", F32: "float32",
+                                F64: "float64"}[dtype])
+    dev, stream = torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream
+    args = (1, batch, inner, name, p, True, mode == "batch", core.Scaling.training, SEED, OFFSET,
+            dev, stream)
+    sc_t, res_t, out = to_cuda(sc), to_cuda(kept_res), poisoned(sc.shape, dtype)
+    core.run_raw(sc_t.data_ptr(), res_t.data_ptr(), out.data_ptr(), *args, compact_input=True)
+    want = reference.forward_kept(sc, kept_res, p, **kw)
+    assert_bits_equal(to_numpy(out), want, "scatter-add")
+    core.run_raw(sc_t.data_ptr(), res_t.data_ptr(), sc_t.data_ptr(), *args, compact_input=True)
+    assert_bits_equal(to_numpy(sc_t), want, "scatter-add in place")
+    if n_kept:
+        g_t, gout = to_cuda(grad), poisoned((n_kept, inner), dtype)
+        core.run_raw(0, g_t.data_ptr(), gout.data_ptr(), *args, compact_output=True)
+        assert_bits_equal(to_numpy(gout), reference.backward_kept(grad, p, **kw), "gather")
+
+
+# ---- streams: torch's legacy default stream (0), and a consumer on another stream
+
+
+def test_torch_default_stream_zero_is_accepted(rng):
+    sc, res = random_array(rng, (33, 70), F32), random_array(rng, (33, 70), F32)
+    stream = torch.cuda.default_stream().cuda_stream
+    assert stream == 0  # what the benchmark passes; DLPack reserves 0, the binding sends 1
+    got = stochdepth.forward(to_cuda(sc), to_cuda(res), 0.8, seed=SEED, stream=stream)
+    assert_bits_equal(to_numpy(got), reference.forward(sc, res, 0.8, seed=SEED))
+
+
+def test_consumer_on_another_stream_waits_for_the_kernel(rng):
+    sc, res = random_array(rng, (512, 8192), F32), random_array(rng, (512, 8192), F32)
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    sc_t, res_t = to_cuda(sc), to_cuda(res)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(50_000_000)  # the kernel below starts late
+        arr = stochdepth.forward(sc_t, res_t, 0.8, seed=SEED, stream=producer.cuda_stream)
+    with torch.cuda.stream(consumer):
+        got = torch.from_dlpack(arr).clone()  # on `consumer`: must wait for `producer`
+    consumer.synchronize()
+    assert_bits_equal(to_numpy(got), reference.forward(sc, res, 0.8, seed=SEED))

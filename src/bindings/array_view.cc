@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include "bindings/args.h"
 #include "bindings/dlpack.h"
@@ -188,8 +189,8 @@ ArrayView view_capsule(py::object cap, const char* name) {
   throw py::error_already_set();
 }
 
-// The producer's __dlpack_device__(): the DLPack device type, checked to be a pair of integers.
-int32_t dlpack_device_type(py::handle obj, const char* name) {
+// The producer's __dlpack_device__(): (device type, device id), checked to be a pair of integers.
+std::pair<int32_t, int32_t> dlpack_device(py::handle obj, const char* name) {
   py::object dev;
   try {
     dev = obj.attr("__dlpack_device__")();
@@ -208,19 +209,41 @@ int32_t dlpack_device_type(py::handle obj, const char* name) {
     if (PyBool_Check(x.ptr()) || !py::hasattr(x, "__index__")) malformed();
   }
   try {
-    return t[0].cast<int32_t>();
+    return {t[0].cast<int32_t>(), t[1].cast<int32_t>()};
   } catch (py::cast_error&) {
     malformed();
   }
 }
 
-ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream) {
-  const int32_t dev_type = dlpack_device_type(obj, name);
-  py::object stream_arg = py::none();
-  if (dev_type == kDLCUDA || dev_type == kDLCUDAManaged) {
-    // DLPack: 1 is CUDA's legacy default stream, the one we use when none is given.
-    stream_arg = py::int_(stream.value_or(1));
+// DLPack's `stream` for a CUDA producer (the stream we launch on): 1, CUDA's legacy default
+// stream, when the caller named none or 0. 0 is how torch.cuda reports the legacy default
+// stream, and DLPack reserves it: torch rejects __dlpack__(stream=0).
+int64_t dlpack_consumer_stream(std::optional<int64_t> stream) {
+  return stream.value_or(0) == 0 ? 1 : *stream;
+}
+
+// The producer's device is current while it exports: torch exports only tensors on the current
+// device (and orders its work on that device's stream). Restores the previous device.
+class ProducerDevice {
+ public:
+  explicit ProducerDevice(int device) : previous_(cuda_swap_device(device)) {}
+  ~ProducerDevice() {
+    if (previous_ >= 0) cuda_swap_device(previous_);
   }
+  ProducerDevice(const ProducerDevice&) = delete;
+  ProducerDevice& operator=(const ProducerDevice&) = delete;
+
+ private:
+  int previous_;
+};
+
+ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream) {
+  const auto [dev_type, dev_id] = dlpack_device(obj, name);
+  const bool cuda = dev_type == kDLCUDA || dev_type == kDLCUDAManaged;
+  py::object stream_arg = py::none();
+  if (cuda) stream_arg = py::int_(dlpack_consumer_stream(stream));
+  std::optional<ProducerDevice> on_device;
+  if (cuda) on_device.emplace(dev_id);
   py::object cap;
   try {
     try {
@@ -249,6 +272,16 @@ struct ExportCtx {
   std::atomic<int> refs{2};
   std::atomic<bool> released{false};
 };
+
+// Array.__dlpack__(stream=s): the consumer will use the array on stream s, which must wait for
+// our kernels on the array's own stream (DLPack: None means the legacy default stream, -1 asks
+// for no synchronisation).
+void order_consumer(const Array& a, const py::object& stream) {
+  if (a.buffer->device.kind != DeviceKind::kCUDA) return;
+  const int64_t s = stream.is_none() ? 1 : stream.cast<int64_t>();
+  if (s == -1) return;
+  export_output(a.buffer->ptr, a.buffer->device, reinterpret_cast<void*>(s));
+}
 
 void unref(ExportCtx* ctx) {
   if (ctx->refs.fetch_sub(1) == 1) delete ctx;
@@ -490,12 +523,12 @@ cupy.from_dlpack, jax.dlpack.from_dlpack or np.from_dlpack (no copy), or call .n
       .def_property_readonly("nbytes", [](const Array& a) { return a.buffer->bytes; })
       .def(
           "__dlpack__",
-          [](const Array& a, py::object /*stream*/, py::object /*max_version*/,
-             py::object dl_device, py::object copy) {
-            // Our kernels ran on the stream the caller named; the consumer orders after it.
+          [](const Array& a, py::object stream, py::object /*max_version*/, py::object dl_device,
+             py::object copy) {
             if (!copy.is_none() && copy.cast<bool>())
               throw py::buffer_error("stochdepth.Array: copy=True is not supported");
             check_export_device(a, dl_device);
+            order_consumer(a, stream);
             return to_dlpack(a);
           },
           py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),

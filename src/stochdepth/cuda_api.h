@@ -16,8 +16,13 @@ void drop_path_cuda(const DropPathParams& params, int device, void* stream);
 // Device-to-device copy with the library's own vectorised kernel (the benchmark's ceiling).
 void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void* stream);
 
-// Device memory for outputs the library allocates itself; throws std::runtime_error on failure.
+// Device memory for outputs the library allocates itself, stream-ordered on `stream`
+// (cudaMallocAsync); throws std::runtime_error on failure. cuda_free frees it on that stream, or
+// after a device sync once cuda_export handed it to another stream; it never throws.
 void* cuda_alloc(size_t bytes, int device, void* stream);
-void cuda_free(void* ptr, int device);  // never throws
+void cuda_free(void* ptr, int device);
+// DLPack export of a buffer from cuda_alloc to a consumer on `consumer_stream` (a cudaStream_t):
+// that stream waits (an event) for the work queued so far on the buffer's stream.
+void cuda_export(void* ptr, int device, void* consumer_stream);
 
 }  // namespace stochdepth

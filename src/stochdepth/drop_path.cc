@@ -1,32 +1,14 @@
-// The entries of drop_path.h: the derived scalars, and the ONE place that branches on the device
-// (CPU runner in cpu_run.cc, CUDA launchers behind cuda_api.h). No validation of user input (the
-// bindings do it, once) and no kernels.
+// The entries of drop_path.h: the ONE place that branches on the device (CPU runner in
+// cpu_run.cc, CUDA launchers behind cuda_api.h). The derived scalars are in params.cc. No
+// validation of user input (the bindings do it, once) and no kernels.
 #include "drop_path.h"
 
 #include "alloc.h"
 #include "cpu_kernels.h"
 #include "cpu_run.h"
 #include "cuda_api.h"
-#include "mask.h"  // keep_threshold
 
 namespace stochdepth {
-
-std::string Device::str() const {
-  return kind == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(id);
-}
-
-void set_scalars(DropPathParams& params, double p, Scaling scaling) {
-  params.threshold = keep_threshold(p);
-  double s = 1.0;
-  if (params.training) {
-    // Train-time ("inverted") scaling divides by p; with p = 0 nothing is kept: no division.
-    if (scaling == Scaling::kTraining && p > 0.0) s = 1.0 / p;
-  } else if (scaling == Scaling::kInference) {
-    s = p;  // the paper's inference rule: shortcut + p * residual
-  }
-  params.scale_f64 = s;
-  params.scale_f32 = static_cast<float>(s);  // one rounding, from the double
-}
 
 void drop_path(const DropPathParams& params, Device device, void* stream) {
   if (params.numel() == 0) return;
@@ -53,6 +35,10 @@ void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, 
 void* alloc_output(size_t bytes, Device device, void* stream) {
   if (device.kind == DeviceKind::kCPU) return cpu_alloc(bytes);
   return bytes > 0 ? cuda_alloc(bytes, device.id, stream) : nullptr;
+}
+
+void export_output(void* ptr, Device device, void* consumer_stream) {
+  if (device.kind == DeviceKind::kCUDA && ptr) cuda_export(ptr, device.id, consumer_stream);
 }
 
 void free_output(void* ptr, size_t bytes, Device device) {

@@ -96,9 +96,13 @@ void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, 
                   bool batch_mode);
 
 // Memory for an output the library allocates itself on `device`: 64-byte aligned, recycled
-// CPU buffers (alloc.h) or cudaMalloc'ed device memory. free_output never throws.
+// CPU buffers (alloc.h) or stream-ordered device memory (cudaMallocAsync). free_output never
+// throws.
 void* alloc_output(size_t bytes, Device device, void* stream);
 void free_output(void* ptr, size_t bytes, Device device);
+// A buffer from alloc_output handed (DLPack) to a consumer that uses it on `consumer_stream`:
+// on CUDA that stream waits for the work queued on the buffer so far; nothing on the CPU.
+void export_output(void* ptr, Device device, void* consumer_stream);
 
 // ---- what this build contains (defined in cuda/drop_path.cu, or cuda_stubs.cc without CUDA)
 
@@ -106,5 +110,8 @@ bool cuda_compiled();
 std::string cuda_architectures();  // the arch list the kernels were compiled for; "" without CUDA
 // Number of usable devices; 0 (never an exception) when there is no driver or no GPU.
 int cuda_device_count();
+// Makes CUDA device `id` current on this thread and returns the one that was current, or -1
+// (nothing changed, never an exception) without CUDA, a driver or that device.
+int cuda_swap_device(int id);
 
 }  // namespace stochdepth

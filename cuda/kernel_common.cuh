@@ -1,0 +1,83 @@
+// What every kernel body in cuda/ shares: the block/thread index they take as a parameter, the
+// 16-byte Packed vector (host and device), the streaming load, and the Philox draw cache. A kernel
+// is a struct K with Args, Shared (its __shared__ memory), Thread (per-thread values that live
+// across a barrier), kPhases, and phase(i, ...): run_kernel<K> (the __global__ wrapper, in
+// drop_path.cu) and emulate<K> (emulator.cu) both run the phases with a barrier between them.
+#pragma once
+#include <cuda_runtime.h>  // uint4 and the CUDA keywords (host-callable too)
+
+#include <cstdint>
+
+#include "arith.cuh"
+#include "launch_config.h"
+#include "stochdepth/mask.h"
+
+#if defined(__CUDACC__)
+#define STOCHDEPTH_KERNEL_FN __host__ __device__ __forceinline__
+#else
+#define STOCHDEPTH_KERNEL_FN inline
+#endif
+
+namespace stochdepth {
+
+struct Idx {
+  uint32_t block;   // blockIdx.x
+  uint32_t thread;  // threadIdx.x
+};
+
+// V elements of T moved as one access: 16 bytes (LDG.128 / STG.128) when V * sizeof(T) == 16,
+// a plain scalar access when V == 1. The elements live in one uint4 (four 32-bit registers)
+// rather than an array of T, which nvcc would keep as V separate registers for 2-byte types.
+template <typename T, int V>
+struct Packed {
+  static_assert(V * sizeof(T) == launch::kVectorBytes, "a vector is 16 bytes");
+  uint4 raw;
+  STOCHDEPTH_KERNEL_FN T get(int j) const { return reinterpret_cast<const T*>(&raw)[j]; }
+  STOCHDEPTH_KERNEL_FN void set(int j, T x) { reinterpret_cast<T*>(&raw)[j] = x; }
+};
+template <typename T>
+struct Packed<T, 1> {
+  T raw;
+  STOCHDEPTH_KERNEL_FN T get(int) const { return raw; }
+  STOCHDEPTH_KERNEL_FN void set(int, T x) { raw = x; }
+};
+
+// A load of data the kernel reads exactly once: evict-first (ld.global.cs) on the device, so a
+// streamed tensor does not push reusable lines out of L2; a plain load on the host.
+template <typename T, int V>
+STOCHDEPTH_KERNEL_FN Packed<T, V> load_once(const T* p) {
+  Packed<T, V> r;
+#ifdef __CUDA_ARCH__
+  if constexpr (V == 1) {
+    r.raw = __ldcs(p);
+  } else {
+    r.raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  }
+#else
+  r = *reinterpret_cast<const Packed<T, V>*>(p);
+#endif
+  return r;
+}
+
+// The draws of samples 4q .. 4q+3 are the four words of one Philox block (docs/design.md,
+// "The mask stream"). A tile of a tensor with inner = 1 holds thousands of consecutive samples,
+// so the kernel keeps the last block and reads sample b's word from it: a quarter of the Philox
+// work (mask_block of mask.h, the same block mask_draw reads).
+struct DrawCache {
+  uint64_t q = ~uint64_t{0};
+  Philox4x32 words{};
+
+  STOCHDEPTH_KERNEL_FN bool keep(uint64_t seed, uint64_t offset, uint64_t b, uint64_t threshold) {
+    if ((b >> 2) != q) {
+      q = b >> 2;
+      words = mask_block(seed, offset, q);
+    }
+    // Select the word with compares: indexing words.v by a run-time value would put the block in
+    // local memory.
+    const uint32_t w =
+        (b & 2) ? ((b & 1) ? words.v[3] : words.v[2]) : ((b & 1) ? words.v[1] : words.v[0]);
+    return static_cast<uint64_t>(w) < threshold;
+  }
+};
+
+}  // namespace stochdepth
