@@ -3,7 +3,8 @@
 torch.cuda reports its legacy default stream as 0, which DLPack reserves (torch raises on
 `__dlpack__(stream=0)`): the binding sends 1, the legacy default stream, for 0 and for no stream,
 and any other stream unchanged. A producer that claims to be on CUDA records what it was asked
-and refuses to export, so nothing is ever dereferenced.
+and refuses to export, so nothing is ever dereferenced (its refusal reaches the caller as a
+TypeError naming the argument, chained to the producer's own exception).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class RecordingCudaProducer(CtypesDLPack):
                          [(None, 1), (0, 1), (1, 1), (2, 2), (0x7F00_1234, 0x7F00_1234)])
 def test_stream_sent_to_a_cuda_producer(stream, sent):
     fake = RecordingCudaProducer(np.ones((4, 3), np.float32))
-    with pytest.raises(Refused):
+    with pytest.raises(TypeError, match="residual") as forward_error:
         stochdepth.forward(None, fake, 0.5, seed=1, stream=stream)
-    with pytest.raises(Refused):
+    with pytest.raises(TypeError, match="grad_out") as backward_error:
         stochdepth.backward(fake, 0.5, seed=1, stream=stream)
+    assert isinstance(forward_error.value.__cause__, Refused)
+    assert isinstance(backward_error.value.__cause__, Refused)
     assert fake.streams == [sent, sent]
 
 
