@@ -11,6 +11,10 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
 #include "xla/ffi/api/c_api.h"
@@ -56,12 +60,12 @@ ffi::Error fill_params(DropPathParams& params, const ffi::AnyBuffer* shortcut,
                        const ffi::AnyBuffer& out, double p, int64_t axis, int64_t training,
                        int64_t batch_mode, int64_t scaling) {
   if (g_entry.load() == nullptr) {
-    return ffi::Error::Internal("stochdepth._jax_ffi: the core entry is not set (import "
-                                "stochdepth.jax, which connects it)");
+    return ffi::Error::Internal(
+        "stochdepth._jax_ffi: the core entry is not set (import "
+        "stochdepth.jax, which connects it)");
   }
   if (!(p >= 0.0 && p <= 1.0)) {
-    return ffi::Error::InvalidArgument("survival_prob must be in [0, 1], got " +
-                                       std::to_string(p));
+    return ffi::Error::InvalidArgument("survival_prob must be in [0, 1], got " + std::to_string(p));
   }
   if (scaling != 0 && scaling != 1) return ffi::Error::InvalidArgument("scaling must be 0 or 1");
   if (!to_dtype(input.element_type(), &params.dtype)) {
@@ -109,7 +113,33 @@ void read_key(DropPathParams& params, const uint32_t* k) {
   params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
 }
 
+// XLA:CPU runs its threads with subnormals flushed (FTZ/DAZ); the op keeps them (docs/design.md,
+// "Arithmetic"), so the calling thread, which runs the first chunk, computes in IEEE mode for the
+// call. The core's own worker threads never change their default mode.
+class IeeeSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
+  ~IeeeSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  IeeeSubnormals() {
+    __asm__ volatile("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);  // FZ
+    __asm__ volatile("msr fpcr, %0" : : "r"(cleared));
+  }
+  ~IeeeSubnormals() { __asm__ volatile("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
+
 ffi::Error run_cpu(const DropPathParams& params) {
+  IeeeSubnormals ieee;
   try {
     g_entry.load()->drop_path(params, Device{DeviceKind::kCPU, 0}, nullptr);
   } catch (const std::invalid_argument& e) {
