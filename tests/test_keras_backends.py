@@ -41,6 +41,7 @@ ALLOWED_SKIPS = [
      "no jit of a Keras layer call on torch; model.fit covers compiled steps there"),
     ({"jax", "tensorflow"}, r"test_torch_", r"torch backend", True,
      "torch-backend specifics"),
+    ({"torch", "tensorflow"}, r"test_jax_", r"JAX backend", True, "JAX-backend specifics"),
     ({"jax", "tensorflow"}, r"test_keras_adapter_rows_tiny", r"taken on the torch backend", True,
      "the Keras bench rows are taken on the torch backend only"),
     ({"torch"}, r"test_torch_cuda_", r"CUDA", not HAS_CUDA_DEVICE,

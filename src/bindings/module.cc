@@ -14,6 +14,7 @@
 #include "bindings/args.h"
 #include "bindings/array_view.h"
 #include "stochdepth/alloc.h"
+#include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
 #include "stochdepth/isa.h"
 #include "stochdepth/mask.h"
@@ -380,4 +381,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_parallel_threshold", &parallel_threshold_bytes);
   m.def("cache_bytes", &cpu_cache_bytes);
   m.def("cache_clear", &cpu_cache_clear);
+  // For stochdepth._jax_ffi: its XLA handlers run this module's core (src/stochdepth/core_entry.h).
+  m.attr("_core_entry") = py::capsule(const_cast<CoreEntry*>(core_entry()), kCoreEntryCapsuleName);
 }

@@ -71,9 +71,9 @@ def test_jit_seeded_fresh_mask_each_step(rng, mode, scaling):
         want = reference.forward(sc, res, 0.5, seed=99, offset=step, mode=mode, scaling=scaling)
         keep = stochdepth.mask(32, 0.5, seed=99, offset=step, mode=mode)
         assert_same(out[~keep], sc[~keep])  # dropped samples: the shortcut, exactly
-        if scaling == "inference":
+        if scaling == "inference" or BACKEND == "jax":  # JAX runs the kernels: exact
             assert_same(out, want)
-        else:  # XLA may contract sc + 2 * r into an FMA: last bit only
+        else:  # XLA may contract sc + 2 * r into an FMA on TensorFlow: last bit only
             # (docs/design.md, "Arithmetic")
             np.testing.assert_allclose(out, want, rtol=2**-23, atol=0)
 
@@ -200,7 +200,15 @@ def test_load_kerasfactory_model(rng, tmp_path, monkeypatch, how):
     for ours, their in zip(sds, theirs):
         assert (ours.survival_prob, ours.seed) == (their.survival_prob, their.seed)
     x = rng.standard_normal((4, 8)).astype(np.float32)
-    assert_same(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    if BACKEND == "jax":
+        # Compiled, kerasfactory's `shortcut + p * residual` may become an FMA under XLA; ours is
+        # the kernels' separately rounded result in both modes: compare eager calls (op by op,
+        # no contraction), and ours compiled against ours eager.
+        ours = np.asarray(loaded(x, training=False))
+        assert_same(ours, np.asarray(model(x, training=False)))
+        assert_same(loaded.predict(x, verbose=0), ours)
+    else:
+        assert_same(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 # ---- torch backend specifics

@@ -292,6 +292,11 @@ def run(args):
     progress.finish()
     if device == "cpu" and not args.no_keras and not args.no_torch:
         results["keras"] = _keras_rows(args.p, 3 if args.quick else 10)
+    if device == "cpu" and not args.no_jax:
+        from stochdepth.bench.jax_rows import report as jax_report
+
+        results["jax"] = jax_report(args.p, 3 if args.quick else 10, quick=args.quick,
+                                    keras=not args.no_keras)
     if args.plot:
         from stochdepth.bench.plot import write_plot
 
@@ -349,6 +354,8 @@ def parse_args(argv=None):
                     help="torch.compile(dynamic=True): one compile for all shapes (faster to "
                          "compile; default dynamic=False, a kernel specialised per case)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--no-jax", action="store_true",
+                    help="skip the JAX rows (stochdepth.jax vs jax.jit of the formula)")
     ap.add_argument("--no-keras", action="store_true",
                     help="skip the Keras rows (stochdepth.keras vs kerasfactory, torch backend)")
     args = ap.parse_args(argv)

@@ -7,10 +7,11 @@ draws per token for rank 3 and fails for rank 5); `seed=0` is a seed; a jitted t
 draws a fresh mask each step, seeded or not; a dropped sample is the shortcut exactly, its
 residual unread (kerasfactory's `shortcut + 0 * residual` turns Inf into NaN).
 
-On the torch backend the layer calls `stochdepth.torch.stochastic_depth` (the compiled kernels,
-autograd included); elsewhere it draws the mask with `_philox.keep_mask` and combines in
-`keras.ops`. Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` on
-every backend (docs/design.md, "Randomness in the adapters").
+On the torch backend the layer calls `stochdepth.torch.stochastic_depth` and on the JAX backend
+`stochdepth.jax` (`_jax_backend.py`): the compiled kernels, gradients included. Elsewhere
+(TensorFlow) it draws the mask with `_philox.keep_mask` and combines in `keras.ops`.
+Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` on every backend
+(docs/design.md, "Randomness in the adapters").
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from . import _jax_backend
 from ._philox import _LO32, _MODES, keep_mask
 
 _SCALINGS = ("inference", "training")
@@ -157,6 +159,8 @@ class StochasticDepth(keras.layers.Layer):
         training = bool(training)
         if keras.backend.backend() == "torch":
             return self._call_torch(shortcut, residual, training)
+        if keras.backend.backend() == "jax":
+            return _jax_backend.call(self, shortcut, residual, training)
         return self._call_ops(shortcut, residual, training)
 
     def _check_inputs(self, shortcut, residual):

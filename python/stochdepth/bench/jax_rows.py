@@ -1,0 +1,209 @@
+"""JAX rows for `python -m stochdepth.bench` (CPU): the FFI custom calls against what JAX users
+write today, on the same arrays.
+
+`jax_rows(shape, dtype, p, reps)`, each for "forward" and "forward+backward" (a `jax.vjp` with
+a given cotangent, i.e. what `jax.grad` runs), all jitted:
+
+- "stochdepth.jax"   stochdepth.jax.stochastic_depth (the kernels as XLA FFI custom calls)
+- "jax.jit formula"  where(keep, shortcut + residual / p, shortcut), keep given as an operand
+                     (the mask's cost is not counted for the formula: its best case)
+- "stochdepth (NumPy)"  stochdepth.forward / backward on NumPy arrays: the raw library call
+
+`keras_jax_rows(shape, dtype, p, reps)`: the Keras layer on the JAX backend, stochdepth.keras
+vs kerasfactory 0.1.1 (seeded, so that jit can trace it; rank 4, as in keras_rows), as a jitted
+`stateless_call` (forward) and its vjp (forward+backward); in a subprocess with
+KERAS_BACKEND=jax unless this process's Keras already is on JAX.
+
+Rows: impl, op, shape, dtype, p, device ("cpu"), backend ("jax"), reps, median_ms, min_ms,
+bytes (the traffic stochdepth's kernels need, as in keras_rows), or "error".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from stochdepth.bench._util import short_error
+from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, _time
+
+__all__ = ["jax_rows", "keras_jax_rows", "report"]
+
+CASE = (128, 197, 768)  # the issue's ViT-B/16 block, batch 128
+QUICK_CASE = (16, 197, 64)
+QUICK_KERAS_CASE = (4, 16, 16, 32)  # rank 4: the one rank where kerasfactory draws per sample
+
+
+def _row(impl, op, shape, dtype, p, reps, n_bytes):
+    fwd = n_bytes * (2.0 + p)
+    return {"impl": impl, "op": op, "shape": tuple(shape), "dtype": dtype, "p": float(p),
+            "device": "cpu", "backend": "jax", "reps": int(reps),
+            "bytes": fwd if op == "forward" else fwd + n_bytes * (1.0 + p)}
+
+
+def _timed(rows, row, make, reps):
+    try:
+        fn = make()
+        row["median_ms"], row["min_ms"] = _time(fn, reps, lambda: None)
+    except Exception as exc:  # noqa: BLE001 - report and carry on
+        row["error"] = short_error(exc)
+    rows.append(row)
+
+
+def jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import stochdepth
+    import stochdepth.jax as sdj
+
+    rng = np.random.default_rng(0)
+    np_dtype = jnp.dtype(dtype)
+    a, b, g = (rng.standard_normal(shape).astype(np_dtype) for _ in range(3))
+    ja, jb, jg = (jax.device_put(x) for x in (a, b, g))
+    keep = jnp.asarray(stochdepth.mask(shape[0], p, seed=seed)).reshape((-1,) + (1,) * (
+        len(shape) - 1))
+    seed_op = jnp.uint32(seed)
+
+    def ours(a, b, s):
+        return sdj.stochastic_depth(a, b, p, seed=s, scaling="training")
+
+    def formula(a, b, keep):
+        return jnp.where(keep, a + b / jnp.asarray(p, a.dtype), a)
+
+    def fwd(f, extra):
+        jf = jax.jit(f)
+        return lambda: jf(ja, jb, extra).block_until_ready()
+
+    def fwd_bwd(f, extra):
+        jf = jax.jit(lambda a, b, g, e: jax.vjp(lambda a, b: f(a, b, e), a, b)[1](g))
+        return lambda: jax.block_until_ready(jf(ja, jb, jg, extra))
+
+    def numpy_fwd():
+        return lambda: stochdepth.forward(a, b, p, seed=seed, scaling="training")
+
+    def numpy_fwd_bwd():
+        def call():
+            stochdepth.forward(a, b, p, seed=seed, scaling="training")
+            stochdepth.backward(g, p, seed=seed, scaling="training")
+        return call
+
+    n_bytes = a.nbytes
+    rows = []
+    for op in ("forward", "forward+backward"):
+        for impl, make in (
+            ("stochdepth.jax", lambda op=op: (fwd if op == "forward" else fwd_bwd)(ours, seed_op)),
+            ("jax.jit formula", lambda op=op: (fwd if op == "forward" else fwd_bwd)(formula,
+                                                                                    keep)),
+            ("stochdepth (NumPy)", numpy_fwd if op == "forward" else numpy_fwd_bwd),
+        ):
+            _timed(rows, _row(impl, op, shape, np_dtype.name, p, reps, n_bytes), make, reps)
+    return rows
+
+
+def _keras_rows_here(shape, dtype, p, reps, seed):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import stochdepth.keras as sdk
+
+    rng = np.random.default_rng(0)
+    a, b, g = (jnp.asarray(rng.standard_normal(shape).astype(dtype)) for _ in range(3))
+    n_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+
+    def ours():
+        return sdk.StochasticDepth(p, seed=seed, dtype=dtype)
+
+    def kerasfactory():
+        from kerasfactory.layers import StochasticDepth
+
+        # Seeded: unseeded, its random ops cannot be traced by jax.jit (Keras refuses them).
+        return StochasticDepth(p, seed=seed, dtype=dtype)
+
+    rows = []
+    for impl, make_layer in (("stochdepth.keras", ours), ("kerasfactory", kerasfactory)):
+        for op in ("forward", "forward+backward"):
+            def make(make_layer=make_layer, op=op):
+                layer = make_layer()
+                if not layer.built:  # kerasfactory's layer builds on its first call
+                    layer([a, b], training=False)
+                nt = [v.value for v in layer.non_trainable_variables]
+
+                def f(a, b):
+                    return layer.stateless_call([], nt, [a, b], training=True)[0]
+
+                if op == "forward":
+                    jf = jax.jit(f)
+                    return lambda: jf(a, b).block_until_ready()
+                jf = jax.jit(lambda a, b, g: jax.vjp(f, a, b)[1](g))
+                return lambda: jax.block_until_ready(jf(a, b, g))
+
+            _timed(rows, _row(impl, op, shape, dtype, p, reps, n_bytes), make, reps)
+    return rows
+
+
+def keras_jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() == "jax":
+            return _keras_rows_here(shape, dtype, p, reps, seed)
+    code = (
+        "import json, sys\n"
+        "from stochdepth.bench.jax_rows import _keras_rows_here\n"
+        f"rows = _keras_rows_here({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
+        f"{int(seed)!r})\n"
+        "sys.stdout.write('\\nROWS ' + json.dumps(rows))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROWS "):
+            rows = json.loads(line[5:])
+            for row in rows:
+                row["shape"] = tuple(row["shape"])
+            return rows
+    raise RuntimeError(f"keras (jax) bench subprocess failed (exit {proc.returncode}):\n"
+                       f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+
+
+def _print(title, rows, base_impl):
+    print(title)
+    base = {(r["dtype"], r["op"]): r.get("median_ms") for r in rows if r["impl"] == base_impl}
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['impl']:20s} {r['dtype']:9s} {r['op']:17s} FAILED: {r['error']}")
+            continue
+        ref = base.get((r["dtype"], r["op"]))
+        vs = f"  {ref / r['median_ms']:5.1f}x vs {base_impl}" if ref and r["impl"] != base_impl \
+            else ""
+        print(f"  {r['impl']:20s} {r['dtype']:9s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
+
+
+def report(p, reps, *, quick=False, keras=True):
+    """Takes, prints and returns the JAX rows (and the Keras-on-JAX rows unless keras=False)."""
+    shape = QUICK_CASE if quick else CASE
+    out = {"shape": list(shape)}
+    try:
+        rows = [r for dt in ("float32", "bfloat16") for r in jax_rows(shape, dt, p, reps)]
+    except Exception as exc:  # noqa: BLE001 - jax missing or the module not built: say so
+        print(f"\nJAX rows skipped: {short_error(exc)}")
+        return {"error": short_error(exc)}
+    _print(f"\nJAX on the CPU, {shape}, p={p} (median of {reps}, ms; not interleaved with a "
+           f"ceiling)", rows, "jax.jit formula")
+    out["rows"] = rows
+    if keras:
+        try:
+            kshape = QUICK_KERAS_CASE if quick else KERASFACTORY_SHAPE
+            krows = keras_jax_rows(kshape, "float32", p, reps)
+            _print(f"\nKeras layer on the JAX backend, {kshape} float32, p={p}", krows,
+                   "kerasfactory")
+            out["keras_rows"] = krows
+        except Exception as exc:  # noqa: BLE001
+            print(f"\nKeras (JAX backend) rows skipped: {short_error(exc)}")
+            out["keras_error"] = short_error(exc)
+    return out

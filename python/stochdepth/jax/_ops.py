@@ -1,0 +1,80 @@
+"""The ops as XLA FFI custom calls with a `jax.custom_vjp`: what runs under jit, grad and vmap.
+
+`cfg` is the static part of a call (survival_prob, axis, training, batch_mode, scaling): FFI
+attributes, so a new value compiles anew. The key words (seed, offset) are a uint32[4] operand,
+so a new key reuses the compiled program. The backward pass recomputes the mask from the key in
+the backward kernel: nothing but the key is saved (docs/design.md, "Semantics").
+
+vmap runs the custom call once per batch element ("sequential"): each element may have its own
+key, and the kernels' layout is one sample axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from ._ffi import MODULE as _MODULE  # noqa: F401  (registers the targets)
+
+
+def _attrs(cfg):
+    p, axis, training, batch_mode, scaling = cfg
+    return dict(
+        survival_prob=np.float64(p),
+        axis=np.int64(axis),
+        training=np.int64(training),
+        batch_mode=np.int64(batch_mode),
+        scaling=np.int64(scaling),
+    )
+
+
+def _call(target, like, operands, cfg):
+    call = jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct(like.shape, like.dtype), vmap_method="sequential"
+    )
+    return call(*operands, **_attrs(cfg))
+
+
+def _float0_like(key):
+    return np.zeros(key.shape, dtype=jax.dtypes.float0)
+
+
+# ---- shortcut + keep * s * residual
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def residual_op(shortcut, residual, key, cfg):
+    return _call("stochdepth_forward", residual, (shortcut, residual, key), cfg)
+
+
+def _residual_fwd(shortcut, residual, key, cfg):
+    return residual_op(shortcut, residual, key, cfg), key
+
+
+def _residual_bwd(cfg, key, g):
+    # d/d shortcut is the identity; d/d residual is keep * s * g, by the same kernel.
+    return g, _call("stochdepth_backward", g, (g, key), cfg), _float0_like(key)
+
+
+residual_op.defvjp(_residual_fwd, _residual_bwd)
+
+
+# ---- keep * s * x (single input); its gradient is the same op on g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def scale_op(x, key, cfg):
+    return _call("stochdepth_backward", x, (x, key), cfg)
+
+
+def _scale_fwd(x, key, cfg):
+    return scale_op(x, key, cfg), key
+
+
+def _scale_bwd(cfg, key, g):
+    return _call("stochdepth_backward", g, (g, key), cfg), _float0_like(key)
+
+
+scale_op.defvjp(_scale_fwd, _scale_bwd)

@@ -1,0 +1,229 @@
+// stochdepth._jax_ffi: the op as typed XLA FFI handlers (headers from the installed jaxlib) for
+// jax.ffi.ffi_call, exported as capsules. The handlers run the core that `_core` loaded, through
+// the entry table it hands over (core_entry.h); (seed, offset) arrive as a u32[4] operand, so a
+// new key under jax.jit is a new mask without recompiling (docs/design.md, "Randomness in the
+// adapters").
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+#include "stochdepth/core_entry.h"
+#include "stochdepth/drop_path.h"
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace py = pybind11;
+namespace ffi = xla::ffi;
+
+namespace {
+
+using stochdepth::CoreEntry;
+using stochdepth::Device;
+using stochdepth::DeviceKind;
+using stochdepth::DropPathParams;
+using stochdepth::DType;
+using stochdepth::Scaling;
+
+std::atomic<const CoreEntry*> g_entry{nullptr};
+
+bool to_dtype(ffi::DataType t, DType* out) {
+  switch (t) {
+    case ffi::DataType::F16:
+      *out = DType::kFloat16;
+      return true;
+    case ffi::DataType::BF16:
+      *out = DType::kBFloat16;
+      return true;
+    case ffi::DataType::F32:
+      *out = DType::kFloat32;
+      return true;
+    case ffi::DataType::F64:
+      *out = DType::kFloat64;
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The checks the Python wrapper already made, repeated here so that a direct ffi_call with bad
+// operands or attributes gets an error, never a crash.
+ffi::Error fill_params(DropPathParams& params, const ffi::AnyBuffer* shortcut,
+                       const ffi::AnyBuffer& input, const ffi::AnyBuffer& key,
+                       const ffi::AnyBuffer& out, double p, int64_t axis, int64_t training,
+                       int64_t batch_mode, int64_t scaling) {
+  if (g_entry.load() == nullptr) {
+    return ffi::Error::Internal(
+        "stochdepth._jax_ffi: the core entry is not set (import "
+        "stochdepth.jax, which connects it)");
+  }
+  if (!(p >= 0.0 && p <= 1.0)) {
+    return ffi::Error::InvalidArgument("survival_prob must be in [0, 1], got " + std::to_string(p));
+  }
+  if (scaling != 0 && scaling != 1) return ffi::Error::InvalidArgument("scaling must be 0 or 1");
+  if (!to_dtype(input.element_type(), &params.dtype)) {
+    return ffi::Error::InvalidArgument(
+        "stochdepth: inputs must be float16, bfloat16, float32 or float64");
+  }
+  if (key.element_type() != ffi::DataType::U32 || key.element_count() != 4) {
+    return ffi::Error::InvalidArgument("stochdepth: the key operand must be uint32[4]");
+  }
+  const auto dims = input.dimensions();
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (rank < 1 || axis < 0 || axis >= rank) {
+    return ffi::Error::InvalidArgument("stochdepth: axis " + std::to_string(axis) +
+                                       " is out of range for rank " + std::to_string(rank));
+  }
+  auto same = [&](const ffi::AnyBuffer& b) {
+    const auto d = b.dimensions();
+    if (b.element_type() != input.element_type() || d.size() != dims.size()) return false;
+    for (size_t i = 0; i < d.size(); ++i) {
+      if (d[i] != dims[i]) return false;
+    }
+    return true;
+  };
+  if ((shortcut && !same(*shortcut)) || !same(out)) {
+    return ffi::Error::InvalidArgument(
+        "stochdepth: operands and result must have the same shape and dtype");
+  }
+  int64_t outer = 1, inner = 1;
+  for (int64_t i = 0; i < axis; ++i) outer *= dims[i];
+  for (int64_t i = axis + 1; i < rank; ++i) inner *= dims[i];
+  params.outer = outer;
+  params.batch = dims[axis];
+  params.inner = inner;
+  params.shortcut = shortcut ? shortcut->untyped_data() : nullptr;
+  params.input = input.untyped_data();
+  params.out = out.untyped_data();
+  params.training = training != 0;
+  params.batch_mode = batch_mode != 0;
+  g_entry.load()->set_scalars(params, p, scaling == 1 ? Scaling::kTraining : Scaling::kInference);
+  return ffi::Error::Success();
+}
+
+void read_key(DropPathParams& params, const uint32_t* k) {
+  params.seed = (static_cast<uint64_t>(k[1]) << 32) | k[0];
+  params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
+}
+
+// XLA:CPU runs its threads with subnormals flushed (FTZ/DAZ); the op keeps them (docs/design.md,
+// "Arithmetic"), so the calling thread, which runs the first chunk, computes in IEEE mode for the
+// call. The core's own worker threads never change their default mode.
+class IeeeSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
+  ~IeeeSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  IeeeSubnormals() {
+    __asm__ volatile("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);  // FZ
+    __asm__ volatile("msr fpcr, %0" : : "r"(cleared));
+  }
+  ~IeeeSubnormals() { __asm__ volatile("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
+
+ffi::Error run_cpu(const DropPathParams& params) {
+  IeeeSubnormals ieee;
+  try {
+    g_entry.load()->drop_path(params, Device{DeviceKind::kCPU, 0}, nullptr);
+  } catch (const std::invalid_argument& e) {
+    return ffi::Error::InvalidArgument(std::string("stochdepth: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("stochdepth: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// out = shortcut + keep * s * residual (docs/design.md, "Semantics").
+ffi::Error forward_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::AnyBuffer key,
+                       ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                       int64_t batch_mode, int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, &shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
+  return run_cpu(params);
+}
+
+// out = keep * s * input: the backward pass (input = grad_out, out = grad_residual) and the
+// single-input forward pass are the same op.
+ffi::Error backward_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
+                        double p, int64_t axis, int64_t training, int64_t batch_mode,
+                        int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
+  return run_cpu(params);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER(kForwardCpu, forward_cpu,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Attr<double>("survival_prob")
+                           .Attr<int64_t>("axis")
+                           .Attr<int64_t>("training")
+                           .Attr<int64_t>("batch_mode")
+                           .Attr<int64_t>("scaling"));
+
+XLA_FFI_DEFINE_HANDLER(kBackwardCpu, backward_cpu,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Attr<double>("survival_prob")
+                           .Attr<int64_t>("axis")
+                           .Attr<int64_t>("training")
+                           .Attr<int64_t>("batch_mode")
+                           .Attr<int64_t>("scaling"));
+
+PYBIND11_MODULE(_jax_ffi, m) {
+  m.doc() = "stochdepth's XLA FFI handlers. Use stochdepth.jax instead.";
+  m.def(
+      "connect",
+      [](py::capsule entry) {
+        if (std::string(entry.name() ? entry.name() : "") != stochdepth::kCoreEntryCapsuleName) {
+          throw std::invalid_argument("not a stochdepth core entry capsule");
+        }
+        const auto* e = entry.get_pointer<const CoreEntry>();
+        if (e->abi != stochdepth::kCoreEntryAbi || e->params_size != sizeof(DropPathParams)) {
+          throw std::runtime_error(
+              "stochdepth._jax_ffi and stochdepth._core come from different builds: reinstall "
+              "stochdepth");
+        }
+        g_entry.store(e);
+      },
+      py::arg("entry"));
+  m.def("handlers", [] {
+    py::dict d;
+    d["stochdepth_forward"] = py::capsule(reinterpret_cast<void*>(kForwardCpu));
+    d["stochdepth_backward"] = py::capsule(reinterpret_cast<void*>(kBackwardCpu));
+    return d;
+  });
+  // The XLA FFI API version of the headers this module was compiled with.
+  m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+  m.attr("jaxlib_build_version") = STOCHDEPTH_JAXLIB_BUILD_VERSION;
+}
