@@ -6,8 +6,8 @@
 CPU, GPU and framework; the kernels are hand-written C++ (scalar and AVX2, chosen at run time)
 and CUDA. docs/design.md is the contract; `stochdepth.reference` is the NumPy oracle.
 
-Adapters live in submodules that import their framework lazily: `stochdepth.torch`,
-`stochdepth.keras`. Importing `stochdepth` itself imports neither.
+Adapters live in subpackages that import their framework only when imported themselves:
+`stochdepth.torch`, `stochdepth.jax`, `stochdepth.keras`. Importing `stochdepth` imports none.
 """
 
 from __future__ import annotations
