@@ -59,6 +59,12 @@ struct DropPathParams {
   bool training = true;
   bool batch_mode = false;  // one draw (sample index 0) for the whole batch
   uint64_t seed = 0, offset = 0;
+  // When set: (seed, offset) are read from these two words, [seed, offset], in memory on the
+  // op's device, when the op runs rather than when it is queued, and `seed` and `offset` above
+  // are ignored. A captured CUDA graph replays the launch with the same pointer, so whatever
+  // the words hold at each replay decides that replay's mask (docs/design.md, "CUDA"). The
+  // host never reads device memory for it: no synchronisation.
+  const uint64_t* rng_words = nullptr;
   uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
   float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
   double scale_f64 = 1.0;  // the scale in double (f64 compute)
