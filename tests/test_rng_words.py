@@ -227,3 +227,39 @@ def test_emulated_compact_kernels_words_equal_arguments(emu, mode, batch, inner)
     assert_bits_equal(results[1][0], results[0][0])
     assert_bits_equal(results[1][1], results[0][1])
     assert_bits_equal(results[1][0], (full[keep] * np.float32(2.0)).astype(F32))
+
+
+# ---- the PyTorch adapter's device-words helpers, on the CPU
+
+
+def test_rank_words_is_rank_seed_on_the_words():
+    torch = pytest.importorskip("torch")
+    from stochdepth.torch import _rng
+
+    for seed in [0, 1, 2**63, 2**64 - 1, SEED]:
+        for rank in [-1, 0, 1, 7, 1023]:
+            w = _rng.Rng(seed, OFFSET).tensor()
+            got = _rng.Rng.of(_rng.rank_words(w, rank))
+            assert got == _rng.Rng(seed, OFFSET).for_rank(rank)
+            assert _rng.Rng.of(w) == _rng.Rng(seed, OFFSET)  # the input is left alone
+    assert torch.equal(_rng.rank_words(w, -1), w)
+
+
+def test_as_key_reads_cpu_words_and_keeps_others():
+    torch = pytest.importorskip("torch")
+    from stochdepth.torch import _rng
+
+    assert _rng.as_key(None) is None
+    r = _rng.Rng(3, 4)
+    assert _rng.as_key(r) is r
+    assert _rng.as_key(r.tensor()) == r
+    assert not _rng.capturing(torch.ones(2))  # a CPU tensor never captures
+
+
+def test_a_cpu_generator_is_refused_for_a_device_draw():
+    torch = pytest.importorskip("torch")
+    from stochdepth.torch import _rng
+
+    with pytest.raises(ValueError, match="a CPU generator cannot draw the mask inside a CUDA "
+                                         "graph capture"):
+        _rng.draw_on_device(torch.Generator(), torch.ones(2))

@@ -387,6 +387,17 @@ PYBIND11_MODULE(_core, m) {
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("compact_input") = false, py::arg("compact_output") = false,
         py::arg("rng_words_ptr") = 0);
+  m.def(
+      "write_device_words",
+      [](uintptr_t dst, py::object seed, py::object offset, int device) {
+        if (dst == 0 || dst % alignof(uint64_t) != 0) {
+          value_error("dst_ptr must be a non-null, 8-byte aligned device pointer");
+        }
+        const uint64_t s = u64_arg(seed, "seed"), o = u64_arg(offset, "offset");
+        without_gil([&] { write_words(reinterpret_cast<void*>(dst), s, o, raw_device(device)); });
+      },
+      py::arg("dst_ptr"), py::arg("seed"), py::arg("offset"), py::arg("device"),
+      "Writes [seed, offset] at dst now (device < 0: the CPU), outside any CUDA graph capture.");
   m.def("stream_copy", &stream_copy_arrays, py::arg("dst"), py::arg("src"));
   m.def("stream_copy_raw", &stream_copy_raw, py::arg("dst_ptr"), py::arg("src_ptr"),
         py::arg("nbytes"), py::arg("device"), py::arg("stream"));

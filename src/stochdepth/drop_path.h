@@ -97,6 +97,11 @@ void drop_path(const DropPathParams& params, Device device, void* stream);
 // library's own vectorised kernel (CUDA): the bandwidth ceiling that the benchmark reports.
 void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream);
 
+// Stores the words [seed, offset] (DropPathParams::rng_words) at `dst` on `device` before
+// returning. On CUDA the copy runs on a stream of its own and outside any graph capture in
+// progress on this thread: a captured graph that reads and advances the words starts from them.
+void write_words(void* dst, uint64_t seed, uint64_t offset, Device device);
+
 // keep[b] for b in [0, batch), on the host (docs/design.md, "The mask stream").
 void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,
                   bool batch_mode);
