@@ -263,3 +263,13 @@ def test_a_cpu_generator_is_refused_for_a_device_draw():
     with pytest.raises(ValueError, match="a CPU generator cannot draw the mask inside a CUDA "
                                          "graph capture"):
         _rng.draw_on_device(torch.Generator(), torch.ones(2))
+
+
+def test_write_device_words_on_the_cpu():
+    w = np.zeros(2, np.uint64)
+    _core.write_device_words(w.ctypes.data, 2**64 - 1, 5, -1)
+    assert w.tolist() == [2**64 - 1, 5]
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        _core.write_device_words(w.ctypes.data + 4, 1, 2, -1)
+    with pytest.raises(ValueError, match=r"offset must be in \[0, 2\*\*64\)"):
+        _core.write_device_words(w.ctypes.data, 1, -2, -1)
