@@ -15,6 +15,7 @@ struct CompactArgs {
   void* out;             // forward: [batch, inner]; backward: [n_kept, inner]
   int64_t batch, inner, tiles_per_row;
   uint64_t seed, offset, threshold;
+  const uint64_t* words;  // [seed, offset] in device memory, read by the kernel; or nullptr
   float scale_f32;
   double scale_f64;
   bool batch_mode, compact_input, in_place;
@@ -31,6 +32,7 @@ inline CompactArgs compact_args(const DropPathParams& p, const launch::CompactCo
   a.seed = p.seed;
   a.offset = p.offset;
   a.threshold = p.threshold;
+  a.words = p.rng_words;
   a.scale_f32 = p.scale_f32;
   a.scale_f64 = p.scale_f64;
   a.batch_mode = p.batch_mode;
@@ -87,11 +89,12 @@ struct CompactKernel {
   STOCHDEPTH_KERNEL_FN static void load_and_count(const Args& a, Idx id, Shared& sh, Thread& t) {
     t.row = static_cast<int64_t>(id.block) / a.tiles_per_row;
     t.col0 = (static_cast<int64_t>(id.block) - t.row * a.tiles_per_row) * kTile;
+    const RngWords key = rng_words(a.seed, a.offset, a.words);
     if (id.thread == 0) {
       // DrawCache selects the word with compares: keep_sample's v[b & 3] would go to local memory.
       DrawCache draw;
-      sh.keep =
-          draw.keep(a.seed, a.offset, a.batch_mode ? 0 : static_cast<uint64_t>(t.row), a.threshold);
+      sh.keep = draw.keep(key.seed, key.offset, a.batch_mode ? 0 : static_cast<uint64_t>(t.row),
+                          a.threshold);
     }
     // Forward out of place: the shortcut is read whatever the mask says; load it now.
     const T* sc = static_cast<const T*>(a.shortcut);
@@ -107,7 +110,7 @@ struct CompactKernel {
     uint64_t mine = 0;
     const auto row = static_cast<uint64_t>(t.row);
     for (uint64_t q = id.thread; 4 * q < row; q += launch::kThreads) {
-      const Philox4x32 w = mask_block(a.seed, a.offset, q);
+      const Philox4x32 w = mask_block(key.seed, key.offset, q);
 #pragma unroll
       for (int j = 0; j < 4; ++j) mine += (4 * q + j < row && w.v[j] < a.threshold) ? 1 : 0;
     }

@@ -168,6 +168,25 @@ void cuda_export(void* ptr, int device, void* consumer_stream) {
   STOCHDEPTH_CUDA_CHECK(wait);
 }
 
+void cuda_write_words(void* dst, uint64_t seed, uint64_t offset, int device) {
+  DeviceGuard guard(device);
+  // Relaxed for this thread, so that the copy neither joins nor breaks a capture in progress on
+  // another stream; a stream of our own, so that nothing captured is touched.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  STOCHDEPTH_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  const uint64_t words[2] = {seed, offset};
+  cudaStream_t s = nullptr;
+  cudaError_t err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(dst, words, sizeof words, cudaMemcpyHostToDevice, s);
+    const cudaError_t sync = cudaStreamSynchronize(s);  // `words` is on this stack frame
+    if (err == cudaSuccess) err = sync;
+    (void)cudaStreamDestroy(s);
+  }
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode back
+  STOCHDEPTH_CUDA_CHECK(err);
+}
+
 void cuda_free(void* ptr, int device) {
   // Called from DLPack deleters and destructors: it must not throw. A failure here (e.g. the
   // runtime already unloading at interpreter exit) leaks the buffer and clears the error.

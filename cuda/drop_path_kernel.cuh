@@ -16,6 +16,7 @@ struct DenseArgs {
   int64_t numel, batch, inner;
   int64_t lead;  // launch::DenseConfig::lead
   uint64_t seed, offset, threshold;
+  const uint64_t* words;  // [seed, offset] in device memory, read by the kernel; or nullptr
   float scale_f32;
   double scale_f64;
   bool training, batch_mode, in_place;
@@ -33,6 +34,7 @@ inline DenseArgs dense_args(const DropPathParams& p, const launch::DenseConfig& 
   a.seed = p.seed;
   a.offset = p.offset;
   a.threshold = p.threshold;
+  a.words = p.rng_words;
   a.scale_f32 = p.scale_f32;
   a.scale_f64 = p.scale_f64;
   a.training = p.training;
@@ -115,8 +117,9 @@ struct DenseKernel {
     }
 
     if (!a.training) return;
+    const RngWords key = rng_words(a.seed, a.offset, a.words);
     if (a.batch_mode) {
-      if (id.thread == 0) sh.keep[0] = keep_sample(a.seed, a.offset, 0, a.threshold);
+      if (id.thread == 0) sh.keep[0] = keep_sample(key.seed, key.offset, 0, a.threshold);
       return;
     }
     const uint64_t batch = static_cast<uint64_t>(a.batch);
@@ -135,7 +138,7 @@ struct DenseKernel {
         if (b >= batch) {
           b = narrow ? static_cast<uint32_t>(b) % static_cast<uint32_t>(batch) : b % batch;
         }
-        sh.keep[lr] = cache.keep(a.seed, a.offset, b, a.threshold);
+        sh.keep[lr] = cache.keep(key.seed, key.offset, b, a.threshold);
       }
     }
   }

@@ -25,7 +25,7 @@ DType dtype_of(const std::string& name) {
 void run(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
          int64_t inner, const std::string& dtype, double survival_prob, bool training,
          bool batch_mode, const std::string& scaling, uint64_t seed, uint64_t offset,
-         bool compact_input, bool compact_output, bool reverse_threads) {
+         bool compact_input, bool compact_output, bool reverse_threads, uintptr_t words) {
   if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
     throw py::value_error("survival_prob must be in [0, 1]");
   }
@@ -44,6 +44,7 @@ void run(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int6
   p.offset = offset;
   p.compact_input = compact_input;
   p.compact_output = compact_output;
+  p.rng_words = reinterpret_cast<const uint64_t*>(words);  // [seed, offset]; 0: the arguments
   set_scalars(p, survival_prob, scaling == "training" ? Scaling::kTraining : Scaling::kInference);
   py::gil_scoped_release release;
   emulator::drop_path(p, reverse_threads);
@@ -60,7 +61,8 @@ PYBIND11_MODULE(_cuda_emulator, m) {
         py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
         py::arg("seed"), py::arg("offset"), py::arg("compact_input") = false,
-        py::arg("compact_output") = false, py::arg("reverse_threads") = false);
+        py::arg("compact_output") = false, py::arg("reverse_threads") = false,
+        py::arg("words_ptr") = 0);
   m.def(
       "stream_copy",
       [](uintptr_t dst, uintptr_t src, size_t nbytes, bool reverse_threads) {

@@ -59,6 +59,17 @@ STOCHDEPTH_KERNEL_FN Packed<T, V> load_once(const T* p) {
   return r;
 }
 
+// A launch's (seed, offset): the kernel arguments, or (graph-safe path, DropPathParams::rng_words)
+// the two words in device memory as they are when the kernel runs. Every thread that draws reads
+// them itself (16 bytes, served from L1/L2 after the first): no barrier, no shared copy.
+struct RngWords {
+  uint64_t seed, offset;
+};
+STOCHDEPTH_KERNEL_FN RngWords rng_words(uint64_t seed, uint64_t offset, const uint64_t* words) {
+  if (words == nullptr) return RngWords{seed, offset};
+  return RngWords{words[0], words[1]};
+}
+
 // The draws of samples 4q .. 4q+3 are the four words of one Philox block (docs/design.md,
 // "The mask stream"). A tile of a tensor with inner = 1 holds thousands of consecutive samples,
 // so the kernel keeps the last block and reads sample b's word from it: a quarter of the Philox

@@ -51,7 +51,11 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offs
         training: True draws the mask; False is the inference form ``shortcut + c * residual``.
         seed, offset: the mask is Philox4x32-10 keyed by `seed` with `offset` in the counter
             (docs/design.md, "The mask stream"); integers in [0, 2**64). `seed` is needed only
-            when a mask is drawn (training=True).
+            when a mask is drawn (training=True). `seed` may instead be a 2-element uint64 (or
+            int64) array on the data's device holding [seed, offset] (`offset` then 0): the
+            kernel reads it when it runs, so a captured CUDA graph that is given new words
+            between replays draws new masks (graph-safe with `out=` and `stream=`:
+            docs/design.md, "CUDA").
         mode: "row" (one draw per sample) or "batch" (one draw for the whole batch).
         axis: the sample axis (default 0); any rank >= 1.
         scaling: "inference" (the paper, kerasfactory: s = 1, c = p) or "training" (timm,

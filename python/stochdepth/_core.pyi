@@ -95,7 +95,7 @@ def forward(
     residual: _ArrayIn,
     survival_prob: float,
     training: bool,
-    seed: Optional[int],
+    seed: Union[int, _ArrayIn, None],
     offset: int,
     mode: str,
     axis: int,
@@ -107,7 +107,7 @@ def backward(
     grad_out: _ArrayIn,
     survival_prob: float,
     training: bool,
-    seed: Optional[int],
+    seed: Union[int, _ArrayIn, None],
     offset: int,
     mode: str,
     axis: int,
@@ -139,7 +139,9 @@ def run_raw(
     stream: int,
     compact_input: bool = False,
     compact_output: bool = False,
+    rng_words_ptr: int = 0,
 ) -> None: ...
+def write_device_words(dst_ptr: int, seed: int, offset: int, device: int) -> None: ...
 def stream_copy(dst: _ArrayIn, src: _ArrayIn) -> None: ...
 def stream_copy_raw(dst_ptr: int, src_ptr: int, nbytes: int, device: int, stream: int) -> None: ...
 def philox4x32_10(

@@ -137,8 +137,20 @@ void checked_shape(const DLTensor& t, DType dtype, const char* name, std::vector
   }
 }
 
+// The 8-byte integer words of a [seed, offset] array (int64 read as two's complement, or uint64),
+// recorded with float64, the DType of the same item size.
+DType words_from_dlpack(DLDataType t, const char* name) {
+  if (t.lanes == 1 && t.bits == 64 && (t.code == kDLInt || t.code == kDLUInt)) {
+    return DType::kFloat64;
+  }
+  type_error(std::string(name) +
+             " as an array must hold two 64-bit integers [seed, offset] (uint64 or int64), got "
+             "DLPack code " +
+             std::to_string(t.code) + " of " + std::to_string(t.bits) + " bits");
+}
+
 template <class Managed>
-ArrayView view_managed(Managed* m, const char* name, bool read_only) {
+ArrayView view_managed(Managed* m, const char* name, bool read_only, bool words) {
   ArrayView v;
   // Ours from here (the capsule is renamed): the view owns it before anything can throw, so a
   // refused tensor is released too, exactly once. shared_ptr calls the deleter if it throws.
@@ -147,7 +159,7 @@ ArrayView view_managed(Managed* m, const char* name, bool read_only) {
     if (mt->deleter) mt->deleter(mt);
   });
   const DLTensor& t = m->dl_tensor;
-  v.dtype = dtype_from_dlpack(t.dtype, name);
+  v.dtype = words ? words_from_dlpack(t.dtype, name) : dtype_from_dlpack(t.dtype, name);
   v.device = device_from_dlpack(t.device, name);
   checked_shape(t, v.dtype, name, v.shape);
   v.data = t.data ? static_cast<char*>(t.data) + t.byte_offset : nullptr;
@@ -157,7 +169,7 @@ ArrayView view_managed(Managed* m, const char* name, bool read_only) {
   return v;
 }
 
-ArrayView view_capsule(py::object cap, const char* name) {
+ArrayView view_capsule(py::object cap, const char* name, bool words) {
   PyObject* c = cap.ptr();
   if (PyCapsule_IsValid(c, "dltensor_versioned")) {
     auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
@@ -166,12 +178,12 @@ ArrayView view_capsule(py::object cap, const char* name) {
                  std::to_string(m->version.major) + " (expected 1)");
     }
     PyCapsule_SetName(c, "used_dltensor_versioned");  // consumed: ours to delete now
-    return view_managed(m, name, m->flags & kFlagReadOnly);
+    return view_managed(m, name, m->flags & kFlagReadOnly, words);
   }
   if (PyCapsule_IsValid(c, "dltensor")) {
     auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
     PyCapsule_SetName(c, "used_dltensor");
-    return view_managed(m, name, false);
+    return view_managed(m, name, false, words);
   }
   type_error(std::string(name) + ".__dlpack__() did not return a DLPack capsule");
 }
@@ -237,7 +249,7 @@ class ProducerDevice {
   int previous_;
 };
 
-ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream) {
+ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> stream, bool words) {
   const auto [dev_type, dev_id] = dlpack_device(obj, name);
   const bool cuda = dev_type == kDLCUDA || dev_type == kDLCUDAManaged;
   py::object stream_arg = py::none();
@@ -256,7 +268,7 @@ ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> s
   } catch (py::error_already_set& e) {
     export_failed(e, name, "__dlpack__");
   }
-  return view_capsule(cap, name);
+  return view_capsule(cap, name, words);
 }
 
 // ---- stochdepth.Array's own DLPack export
@@ -482,12 +494,46 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
   }
   if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
     refuse_lazy_negation(obj, name);
-    ArrayView v = view_dlpack(obj, name, stream);
+    ArrayView v = view_dlpack(obj, name, stream, false);
     if (immutable_producer(obj)) v.writable = false;
     return v;
   }
   type_error(std::string(name) +
              " must be a NumPy array or a DLPack producer (torch, JAX, CuPy), got " +
+             type_name(obj));
+}
+
+ArrayView view_words(py::handle obj, const char* name, std::optional<int64_t> stream) {
+  if (py::isinstance<py::array>(obj)) {
+    const auto arr = py::reinterpret_borrow<py::array>(obj);
+    const py::dtype dt = arr.dtype();
+    if (!((dt.kind() == 'u' || dt.kind() == 'i') && dt.itemsize() == 8) ||
+        !dt.attr("isnative").cast<bool>()) {
+      type_error(std::string(name) +
+                 " as an array must hold two 64-bit integers [seed, offset] (uint64 or int64, "
+                 "native byte order), got dtype " +
+                 std::string(py::str(dt)));
+    }
+    ArrayView v;
+    v.is_numpy = true;
+    v.dtype = DType::kFloat64;  // the 8-byte stand-in, as words_from_dlpack
+    v.data = const_cast<void*>(arr.data());
+    v.shape.assign(arr.shape(), arr.shape() + arr.ndim());
+    const int flags = py::detail::array_proxy(arr.ptr())->flags;
+    v.contiguous = flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_;
+    v.aligned = flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+    v.keep_alive = std::shared_ptr<void>(new py::object(arr),
+                                         [](void* p) { delete static_cast<py::object*>(p); });
+    return v;
+  }
+  if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__") &&
+      !py::isinstance<Array>(obj)) {
+    refuse_lazy_negation(obj, name);
+    return view_dlpack(obj, name, stream, true);
+  }
+  type_error(std::string(name) +
+             " as an array must be a NumPy array or a DLPack producer of two 64-bit integers, "
+             "got " +
              type_name(obj));
 }
 

@@ -54,6 +54,11 @@ struct ArrayView {
 // __dlpack__ so that it orders its work before ours.
 ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> stream);
 
+// The words array of seed= [seed, offset] (docs/design.md, "CUDA"): a NumPy array or DLPack
+// tensor of 64-bit integers (uint64, or int64 read as two's complement). Its dtype is recorded as
+// float64 (same item size); the caller checks shape, layout and device.
+ArrayView view_words(py::handle obj, const char* name, std::optional<int64_t> stream);
+
 const char* dtype_name(DType d);
 std::string shape_str(const std::vector<int64_t>& shape);
 

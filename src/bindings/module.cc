@@ -123,6 +123,21 @@ Device raw_device(int device) {
   return device < 0 ? Device{} : Device{DeviceKind::kCUDA, static_cast<int32_t>(device)};
 }
 
+// seed= given as the words [seed, offset] (docs/design.md, "CUDA"): a 1-d array of 2 elements.
+// Every other array keeps the integer path (and its TypeError naming the shape).
+bool is_words_array(py::handle obj) {
+  if (obj.is_none() || PyLong_Check(obj.ptr())) return false;
+  if (!py::isinstance<py::array>(obj) && !py::hasattr(obj, "__dlpack__")) return false;
+  try {
+    const py::tuple shape(obj.attr("shape"));
+    return shape.size() == 1 && shape[0].cast<int64_t>() == 2;
+  } catch (py::error_already_set&) {
+    return false;
+  } catch (py::cast_error&) {
+    return false;
+  }
+}
+
 struct Common {
   bool training;
   uint64_t seed, offset;
@@ -130,6 +145,7 @@ struct Common {
   Scaling scaling;
   double p;
   std::optional<int64_t> stream;
+  std::optional<ArrayView> words;  // seed= as a [seed, offset] array: read by the kernel
 };
 
 Common common_args(py::handle survival_prob, py::handle training, py::handle seed,
@@ -137,12 +153,29 @@ Common common_args(py::handle survival_prob, py::handle training, py::handle see
   Common c;
   c.p = survival_prob_arg(survival_prob);
   c.training = bool_arg(training, "training");
-  c.seed = seed_arg(seed, c.training);
+  const bool words = is_words_array(seed);
+  c.seed = words ? 0 : seed_arg(seed, c.training);
   c.offset = u64_arg(offset, "offset");
   c.batch_mode = choice_arg(mode, "mode", "row", "batch");
   c.scaling = scaling_arg(scaling);
   c.stream = stream_arg(stream);
+  if (words) {
+    if (c.offset != 0) {
+      value_error(
+          "offset must be 0 when seed is a [seed, offset] array (its second word is "
+          "the offset), got " +
+          std::to_string(c.offset));
+    }
+    c.words = view_words(seed, "seed", c.stream);
+  }
   return c;
+}
+
+// The words array against the data it keys: C-contiguous, aligned, on the same device.
+void check_words(const Common& c, const ArrayView& data, const char* data_name) {
+  if (!c.words) return;
+  check_layout(*c.words, "seed");
+  check_device(*c.words, data, "seed", data_name);
 }
 
 DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis) {
@@ -152,6 +185,7 @@ DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis
   p.batch_mode = c.batch_mode;
   p.seed = c.seed;
   p.offset = c.offset;
+  if (c.words) p.rng_words = static_cast<const uint64_t*>(c.words->data);
   set_geometry(p, input.shape, axis);
   set_scalars(p, c.p, c.scaling);
   return p;
@@ -205,6 +239,7 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
   // Device
   if (sc) check_device(res, *sc, "residual", "shortcut");
   check_cuda_available(res, "residual");
+  check_words(c, res, "residual");
 
   ArrayView o;
   const py::object result = output(out, res, "residual", c.stream, o);
@@ -230,6 +265,7 @@ py::tuple backward(py::object grad_out, py::object survival_prob, py::object tra
   const int64_t axis = axis_arg(axis_obj, g.shape.size());
   check_layout(g, "grad_out");
   check_cuda_available(g, "grad_out");
+  check_words(c, g, "grad_out");
 
   ArrayView o;
   const py::object result = output(out, g, "grad_out", c.stream, o);
@@ -247,6 +283,11 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   if (batch > (int64_t{1} << 40))
     value_error("batch must be at most 2**40, got " + std::to_string(batch));
   if (seed.is_none()) seed_arg(seed, true, "(mask always draws)");  // before the others
+  if (is_words_array(seed)) {
+    type_error(
+        "mask takes seed and offset as integers; read a [seed, offset] array with "
+        "int(words[0]), int(words[1])");
+  }
   const Common c = common_args(survival_prob, py::bool_(true), seed, offset, mode,
                                py::str("inference"), py::none());
   py::array_t<bool> keep(batch);
@@ -259,7 +300,7 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
              int64_t inner, DType dtype, double survival_prob, bool training, bool batch_mode,
              Scaling scaling, uint64_t seed, uint64_t offset, int device, int64_t stream,
-             bool compact_input, bool compact_output) {
+             bool compact_input, bool compact_output, uintptr_t rng_words) {
   if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
     value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
   }
@@ -278,6 +319,10 @@ void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, 
   p.offset = offset;
   p.compact_input = compact_input;
   p.compact_output = compact_output;
+  p.rng_words = reinterpret_cast<const uint64_t*>(rng_words);
+  if (p.rng_words && rng_words % alignof(uint64_t) != 0) {
+    value_error("rng_words_ptr must be aligned to 8 bytes");
+  }
   set_scalars(p, survival_prob, scaling);
   run(p, raw_device(device), stream);
 }
@@ -340,7 +385,19 @@ PYBIND11_MODULE(_core, m) {
         py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
-        py::arg("compact_input") = false, py::arg("compact_output") = false);
+        py::arg("compact_input") = false, py::arg("compact_output") = false,
+        py::arg("rng_words_ptr") = 0);
+  m.def(
+      "write_device_words",
+      [](uintptr_t dst, py::object seed, py::object offset, int device) {
+        if (dst == 0 || dst % alignof(uint64_t) != 0) {
+          value_error("dst_ptr must be a non-null, 8-byte aligned device pointer");
+        }
+        const uint64_t s = u64_arg(seed, "seed"), o = u64_arg(offset, "offset");
+        without_gil([&] { write_words(reinterpret_cast<void*>(dst), s, o, raw_device(device)); });
+      },
+      py::arg("dst_ptr"), py::arg("seed"), py::arg("offset"), py::arg("device"),
+      "Writes [seed, offset] at dst now (device < 0: the CPU), outside any CUDA graph capture.");
   m.def("stream_copy", &stream_copy_arrays, py::arg("dst"), py::arg("src"));
   m.def("stream_copy_raw", &stream_copy_raw, py::arg("dst_ptr"), py::arg("src_ptr"),
         py::arg("nbytes"), py::arg("device"), py::arg("stream"));

@@ -37,8 +37,11 @@ void drop_path_cpu(const DropPathParams& params) {
   MaskView mask;
   if (params.training) {
     keep.resize(static_cast<size_t>(params.batch));
-    k.compute_mask(keep.data(), params.batch, params.seed, params.offset, params.threshold,
-                   params.batch_mode);
+    // The words path reads host memory here, once per call: the same (seed, offset) for every
+    // thread and the same mask as the argument path with those values.
+    const uint64_t seed = params.rng_words ? params.rng_words[0] : params.seed;
+    const uint64_t offset = params.rng_words ? params.rng_words[1] : params.offset;
+    k.compute_mask(keep.data(), params.batch, seed, offset, params.threshold, params.batch_mode);
     mask.keep = keep.data();
     if (params.compact_input || params.compact_output) {
       kept_index.resize(keep.size());

@@ -4,6 +4,7 @@
 // caller needs an #ifdef. The build queries (cuda_compiled, ...) are declared in drop_path.h.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 #include "drop_path.h"
 
@@ -24,5 +25,11 @@ void cuda_free(void* ptr, int device);
 // DLPack export of a buffer from cuda_alloc to a consumer on `consumer_stream` (a cudaStream_t):
 // that stream waits (an event) for the work queued so far on the buffer's stream.
 void cuda_export(void* ptr, int device, void* consumer_stream);
+
+// Writes the words [seed, offset] to device memory at `dst` now, outside any CUDA graph capture
+// in progress on this thread (relaxed capture mode, the library's own stream, synchronised): the
+// initial state of a seeded module's device words, which a captured graph then advances on
+// every replay (docs/design.md, "CUDA"). Throws std::runtime_error naming the CUDA error.
+void cuda_write_words(void* dst, uint64_t seed, uint64_t offset, int device);
 
 }  // namespace stochdepth

@@ -27,6 +27,15 @@ void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* 
   }
 }
 
+void write_words(void* dst, uint64_t seed, uint64_t offset, Device device) {
+  if (device.kind == DeviceKind::kCPU) {
+    static_cast<uint64_t*>(dst)[0] = seed;
+    static_cast<uint64_t*>(dst)[1] = offset;
+  } else {
+    cuda_write_words(dst, seed, offset, device.id);
+  }
+}
+
 void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,
                   bool batch_mode) {
   active_kernels().compute_mask(keep, batch, seed, offset, threshold, batch_mode);

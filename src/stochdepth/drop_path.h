@@ -59,6 +59,12 @@ struct DropPathParams {
   bool training = true;
   bool batch_mode = false;  // one draw (sample index 0) for the whole batch
   uint64_t seed = 0, offset = 0;
+  // When set: (seed, offset) are read from these two words, [seed, offset], in memory on the
+  // op's device, when the op runs rather than when it is queued, and `seed` and `offset` above
+  // are ignored. A captured CUDA graph replays the launch with the same pointer, so whatever
+  // the words hold at each replay decides that replay's mask (docs/design.md, "CUDA"). The
+  // host never reads device memory for it: no synchronisation.
+  const uint64_t* rng_words = nullptr;
   uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
   float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
   double scale_f64 = 1.0;  // the scale in double (f64 compute)
@@ -90,6 +96,11 @@ void drop_path(const DropPathParams& params, Device device, void* stream);
 // A plain streaming copy of `bytes` with the same threading and stores as the op (CPU) or the
 // library's own vectorised kernel (CUDA): the bandwidth ceiling that the benchmark reports.
 void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream);
+
+// Stores the words [seed, offset] (DropPathParams::rng_words) at `dst` on `device` before
+// returning. On CUDA the copy runs on a stream of its own and outside any graph capture in
+// progress on this thread: a captured graph that reads and advances the words starts from them.
+void write_words(void* dst, uint64_t seed, uint64_t offset, Device device);
 
 // keep[b] for b in [0, batch), on the host (docs/design.md, "The mask stream").
 void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, uint64_t threshold,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,7 +16,7 @@ from torch import Tensor
 from .. import _core
 from .. import mask as _mask
 from ._checks import check_op_args, check_prob, check_scaling
-from ._rng import Rng
+from ._rng import Rng, rank_words
 
 # Converted once here, not per call.
 _CORE_DTYPES = {
@@ -51,12 +50,26 @@ def use_lib_alloc(t: Tensor) -> bool:
     return t.is_cpu and t.numel() * t.element_size() >= LIB_ALLOC_BYTES
 
 
-def _key(rng: Optional[Rng], training: bool, rank: int) -> Rng:
+def _key(rng, training: bool, rank: int):
+    """The pair the kernel uses: an Rng, or CUDA words (the rank's seed derived on the device)."""
     if not training:
         return Rng(0, 0)  # no mask is drawn
     if rng is None:
         raise ValueError("rng (an int64 [seed, offset] tensor) is required when training")
+    if isinstance(rng, Tensor):
+        return rank_words(rng, rank)
     return rng.for_rank(rank)
+
+
+def _words_ptr(key, src: Tensor) -> int:
+    """run_raw's rng_words_ptr: 0 for host values, else the address of CUDA words on `src`'s
+    device (read by the kernel when it runs: docs/design.md, "CUDA")."""
+    if not isinstance(key, Tensor):
+        return 0
+    if key.device != src.device or key.dtype != torch.int64 or key.shape != (2,):
+        raise ValueError(f"the words [seed, offset] must be an int64 tensor of shape (2,) on "
+                         f"{src.device}, got {key.dtype} {tuple(key.shape)} on {key.device}")
+    return key.contiguous().data_ptr()
 
 
 def dense(t: Tensor) -> Tensor:
@@ -71,7 +84,9 @@ def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scalin
     src = dense(src)
     if shortcut is not None:
         shortcut = dense(shortcut)
-    seed, offset = _key(rng, training, rank)
+    key = _key(rng, training, rank)
+    words_ptr = _words_ptr(key, src)
+    seed, offset = (0, 0) if words_ptr else key
     if use_lib_alloc(src):
         out = _core.forward(None if shortcut is None else shortcut.detach(), src.detach(),
                             float(survival_prob), bool(training), seed, offset,
@@ -93,6 +108,7 @@ def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scalin
         0 if shortcut is None else shortcut.data_ptr(), src.data_ptr(), out.data_ptr(),
         outer, batch, inner, _CORE_DTYPES[src.dtype], float(survival_prob), bool(training),
         bool(batch_mode), _CORE_SCALINGS[scaling], seed, offset, device, stream,
+        rng_words_ptr=words_ptr,
     )
     return out
 
@@ -134,6 +150,9 @@ def _compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, batch,
     check_scaling(scaling)
     if rng is None:
         raise ValueError("rng (an int64 [seed, offset] tensor) is required")
+    if isinstance(rng, Tensor):
+        raise ValueError("compact rows need (seed, offset) on the host (the kept count sizes a "
+                         "tensor): not graph-safe (docs/design.md, \"CUDA\")")
     compact = src if compact_input else out
     n_kept = kept_count(batch, survival_prob, batch_mode, rng.seed, rng.offset)
     if compact.shape[0] != n_kept:

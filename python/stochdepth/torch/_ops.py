@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _kernels, _mode
 from ._checks import check_op_args
-from ._rng import as_host, as_tensor
+from ._rng import as_key, as_tensor
 
 # ---- the ops ----------------------------------------------------------------------------------
 
@@ -41,7 +41,7 @@ def drop_path_fwd(
     >= 0 replaces the seed by `rank_seed(seed, rank)`, -1 keeps it. Non-contiguous inputs are
     made contiguous; the output is a new C-contiguous tensor.
     """
-    return _kernels.forward(shortcut, residual, as_host(rng), survival_prob, training,
+    return _kernels.forward(shortcut, residual, as_key(rng), survival_prob, training,
                             batch_mode, axis, scaling, rank)
 
 
@@ -66,7 +66,7 @@ def drop_path_bwd(
 
     The shortcut's gradient is grad_out itself and needs no op.
     """
-    return _kernels.backward(grad_out, as_host(rng), survival_prob, training, batch_mode, axis,
+    return _kernels.backward(grad_out, as_key(rng), survival_prob, training, batch_mode, axis,
                              scaling, rank)
 
 
@@ -84,7 +84,7 @@ def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival
 
     `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
     """
-    return _kernels.scatter(shortcut, kept, as_host(rng), survival_prob, batch_mode, scaling,
+    return _kernels.scatter(shortcut, kept, as_key(rng), survival_prob, batch_mode, scaling,
                             batch)
 
 
@@ -99,7 +99,7 @@ def gather_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: boo
     """s * full at the kept samples (dim 0), in order. With scaling "inference" s = 1: a plain
     selection of the kept samples (the branch's input); with the op's scaling, the branch
     output's gradient."""
-    return _kernels.gather(full, as_host(rng), survival_prob, batch_mode, scaling, n_kept)
+    return _kernels.gather(full, as_key(rng), survival_prob, batch_mode, scaling, n_kept)
 
 
 @gather_kept.register_fake
@@ -112,12 +112,13 @@ def _(full, rng, survival_prob, batch_mode, scaling, n_kept):
 
 def _keep_rng(ctx, rng) -> None:
     """Keep (seed, offset) for backward: Python ints when the values can be read now, else (in a
-    traced graph) the 16-byte rng tensor. Never a mask or any per-element data."""
+    traced graph) the 16-byte rng tensor, or CUDA words as they are (the graph-safe path: the
+    forward's own copy, so backward regenerates its mask). Never a mask or per-element data."""
     ctx.rng_saved = isinstance(rng, Tensor) and not _mode.eager(rng)
     if ctx.rng_saved:
         ctx.save_for_backward(rng)
     else:
-        ctx.rng = as_host(rng)
+        ctx.rng = as_key(rng)
 
 
 def _kept_rng(ctx):
@@ -220,7 +221,7 @@ def _dispatch(op, function, body, args: list, rng_at: int, *tensors):
     directly when eager and no gradient is needed, the eager autograd.Function when one is, the
     registered custom op otherwise."""
     if _mode.eager(*tensors):
-        args[rng_at] = as_host(args[rng_at])
+        args[rng_at] = as_key(args[rng_at])
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return function.apply(*args)
         return body(*args)

@@ -4,7 +4,9 @@ per-rank seed, and the seeded modules' state (docs/design.md, "Randomness in the
 On the host the pair is an `Rng`, two unsigned 64-bit ints. The custom ops take it as a CPU int64
 tensor [seed, offset] (two's complement words): `Rng.tensor()` makes that argument and
 `Rng.of()` reads it back. A tensor stands for the pair elsewhere only where its values are not
-known on the host: a draw or a module's state inside a traced graph.
+known on the host: a draw or a module's state inside a traced graph, or words on a CUDA device
+(the graph-safe path, docs/design.md, "CUDA"): there the kernel reads them, never the host, so a
+captured CUDA graph draws a new mask on every replay.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as _dist
 from torch import Tensor
 
+from .. import _core
 from . import _mode
 from ._checks import M64, check_u64
 
@@ -73,6 +76,35 @@ def as_host(rng: RngArg) -> Optional[Rng]:
     return rng if rng is None or isinstance(rng, Rng) else Rng.of(rng)
 
 
+def as_key(rng: RngArg) -> RngArg:
+    """What the kernels take: an Rng or None as they are, CUDA words kept on the device (the
+    kernel reads them: no host read, no sync), a CPU tensor read into an Rng."""
+    if rng is None or isinstance(rng, Rng) or rng.is_cuda:
+        return rng
+    return Rng.of(rng)
+
+
+def capturing(t: Optional[Tensor]) -> bool:
+    """True when `t` is a CUDA tensor and the current CUDA stream is capturing a graph."""
+    return t is not None and t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _lsr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 words (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def rank_words(words: Tensor, rank: int) -> Tensor:
+    """`rank_seed` on device words [seed, offset]: int64 ops that wrap like uint64 ones, so the
+    seed never visits the host (graph-safe). rank < 0 returns `words` unchanged."""
+    if rank < 0:
+        return words
+    z = words[:1] + _signed((int(rank) + 1) * _GAMMA & M64)
+    z = (z ^ _lsr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _lsr(z, 27)) * _signed(0x94D049BB133111EB)
+    return torch.cat([z ^ _lsr(z, 31), words[1:]])
+
+
 def as_tensor(rng: RngArg) -> Optional[Tensor]:
     return rng.tensor() if isinstance(rng, Rng) else rng
 
@@ -90,9 +122,29 @@ def draw(generator: Optional[torch.Generator]) -> Tensor:
                          device=generator.device).cpu()
 
 
-def for_call(seed, offset, generator) -> RngArg:
-    """A function's (seed, offset): as given, or a fresh draw when `seed` is None."""
+def draw_on_device(generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+    """Fresh int64 words [seed, offset] drawn on `like`'s CUDA device by torch's generator of that
+    device (or `generator`, a CUDA one): graph-safe, a captured draw gives new words on each
+    replay. A CPU generator's draw would be a constant of the graph: refused while capturing."""
+    if generator is not None and generator.device.type != "cuda":
+        raise ValueError(
+            "a CPU generator cannot draw the mask inside a CUDA graph capture: its draw would be "
+            "replayed as a constant (the same mask on every replay); pass generator=None (the "
+            "device's generator) or a CUDA generator (docs/design.md, \"CUDA\")")
+    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator,
+                         device=like.device)
+
+
+def for_call(seed, offset, generator, like: Optional[Tensor] = None) -> RngArg:
+    """A function's (seed, offset): as given, or a fresh draw when `seed` is None: on the host
+    eagerly, on `like`'s CUDA device while capturing a CUDA graph or tracing for CUDA (the
+    kernel reads those words; a graph replay draws new ones)."""
     if seed is None:
+        if like is not None and like.is_cuda:
+            if capturing(like):
+                return draw_on_device(generator, like)
+            if not _mode.eager(like) and (generator is None or generator.device.type == "cuda"):
+                return draw_on_device(generator, like)
         return draw(generator)
     return Rng(check_u64("seed", seed), check_u64("offset", offset))
 
@@ -140,29 +192,68 @@ class SeededMixin:
     def _set_seed(self, seed, offset):
         self.seed = seed
         self._rng_state = None if seed is None else Rng(seed, offset).tensor()
+        words = getattr(self, "_rng_device", None)
+        if words is not None and seed is not None:
+            # Kept (a captured graph holds its address); the new state, ordered after the work
+            # queued so far on the current stream.
+            words.copy_(self._rng_state.to(words.device))
+        elif seed is None:
+            self._rng_device = None
+
+    def _pull_state(self) -> Tensor:
+        """The host state, brought up to date from the device words when they exist (a sync)."""
+        words = getattr(self, "_rng_device", None)
+        if words is not None:
+            self._rng_state.copy_(words.cpu())
+        return self._rng_state
 
     @property
     def offset(self) -> Optional[int]:
         """The offset the next training call will use (None when unseeded)."""
-        return None if self._rng_state is None else Rng.of(self._rng_state).offset
+        return None if self._rng_state is None else Rng.of(self._pull_state()).offset
 
     def _host_rng(self) -> Rng:
         """This call's pair, read (and the offset advanced) on the host, or a fresh draw."""
         state = self._rng_state
         if state is None:
             return Rng.of(draw(None))
-        rng = Rng.of(state)
+        words = getattr(self, "_rng_device", None)
+        rng = Rng.of(self._pull_state())
         state.add_(_STEP)
+        if words is not None:
+            words[1:].add_(1)
         return rng
 
-    def _next_rng(self) -> RngArg:
+    def _device_rng(self, like: Tensor) -> Tensor:
+        """This call's pair as CUDA words (a copy), the module's device words advanced by one
+        offset: both captured, so every replay of a graph uses the next offset. The device words
+        are made once, from the host state, outside the capture (`_core.write_device_words`);
+        from then on they are the module's state."""
+        words = getattr(self, "_rng_device", None)
+        if words is None or words.device != like.device:
+            host = Rng.of(self._pull_state())
+            words = torch.empty(2, dtype=torch.int64, device=like.device)
+            _core.write_device_words(words.data_ptr(), host.seed, host.offset,
+                                     words.device.index)
+            self._rng_device = words
+        rng = words.clone()
+        words[1:].add_(1)
+        return rng
+
+    def _next_rng(self, like: Optional[Tensor] = None) -> RngArg:
         """This call's pair; inside a traced graph a graph value, so that a compiled step does
-        not recompile for each new offset."""
+        not recompile for each new offset; while capturing a CUDA graph (or once the module has
+        device words, on their device) CUDA words that the kernel reads."""
         state = self._rng_state
-        if _mode.eager(state):
+        if _mode.eager(state, like):
+            if capturing(like):
+                return draw_on_device(None, like) if state is None else self._device_rng(like)
+            words = getattr(self, "_rng_device", None)
+            if words is not None and like is not None and like.device == words.device:
+                return self._device_rng(like)  # no sync: the words stay the state
             return self._host_rng()
         if state is None:
-            return draw(None)
+            return for_call(None, 0, None, like)
         rng = rng_snapshot(state)
         state.add_(_STEP)
         return rng
@@ -170,7 +261,7 @@ class SeededMixin:
     @staticmethod
     def _state_dict_hook(module, state_dict, prefix, local_metadata):
         if module._rng_state is not None:
-            state_dict[prefix + "rng_state"] = module._rng_state.clone()
+            state_dict[prefix + "rng_state"] = module._pull_state().clone()
 
     @staticmethod
     def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,

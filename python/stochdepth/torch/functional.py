@@ -53,7 +53,8 @@ def stochastic_depth(
             "training" (timm's and torchvision's: s = 1/p in training, identity at inference).
         axis: the sample axis (an integer).
         seed, offset: the Philox key and counter, 64-bit unsigned; None draws both from
-            `generator` (torch's default CPU generator when None).
+            `generator` (torch's default CPU generator when None; while a CUDA graph is being
+            captured, or traced for CUDA, the device's generator, so each replay draws anew).
         sync_across_ranks: under torch.distributed, use the seed as is on every rank instead of
             `rank_seed(seed, rank)`.
 
@@ -64,7 +65,7 @@ def stochastic_depth(
     survival_prob = check_prob("survival_prob", survival_prob)
     check_mode(mode)
     axis = check_axis(axis)
-    rng = for_call(seed, offset, generator) if training else None
+    rng = for_call(seed, offset, generator, residual) if training else None
     return _ops.forward(shortcut, residual, rng, survival_prob, bool(training), mode == "batch",
                         axis, scaling, rank_key(sync_across_ranks))
 
@@ -92,7 +93,7 @@ def drop_path(
     check_mode(mode)
     if drop_prob == 0.0 or not training:
         return x
-    return _ops.forward(None, x, for_call(seed, offset, generator), 1.0 - drop_prob, True,
+    return _ops.forward(None, x, for_call(seed, offset, generator, x), 1.0 - drop_prob, True,
                         mode == "batch", 0, "training" if scale_by_keep else "inference",
                         rank_key(sync_across_ranks))
 
@@ -117,5 +118,5 @@ def torchvision_stochastic_depth(
     check_torchvision(p, mode)
     if not training or p == 0.0:
         return input
-    return _ops.forward(None, input, for_call(seed, offset, generator), 1.0 - float(p), True,
+    return _ops.forward(None, input, for_call(seed, offset, generator, input), 1.0 - float(p), True,
                         mode == "batch", 0, "training", rank_key(sync_across_ranks))

@@ -46,7 +46,7 @@ class StochasticDepth(SeededMixin, nn.Module):
 
     def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
         shortcut, residual = promote(shortcut, residual)
-        rng = self._next_rng() if self.training else None
+        rng = self._next_rng(residual) if self.training else None
         return _ops.forward(shortcut, residual, rng, self.survival_prob, self.training,
                             self.mode == "batch", self.axis, self.scaling,
                             rank_key(self.sync_across_ranks))
@@ -77,7 +77,7 @@ class DropPath(SeededMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        rng = self._next_rng()  # advance even when drop_prob == 0: one offset per training call
+        rng = self._next_rng(x)  # advance even when drop_prob == 0: one offset per training call
         if self.drop_prob == 0.0:
             return x
         check_tensor("x", x)
@@ -107,7 +107,7 @@ class TorchvisionStochasticDepth(SeededMixin, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return torchvision_stochastic_depth(input, self.p, self.mode, False)
-        rng = self._next_rng()
+        rng = self._next_rng(input)
         check_tensor("input", input)
         check_torchvision(self.p, self.mode)
         if self.p == 0.0:

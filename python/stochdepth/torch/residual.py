@@ -19,7 +19,7 @@ from . import _mode, _ops
 from ._checks import check_mode, check_prob, check_scaling, check_tensor
 from ._kernels import kept_count
 from ._ops import gather_kept, scatter_kept
-from ._rng import SeededMixin, as_host, for_call, rank_key
+from ._rng import SeededMixin, as_host, capturing, for_call, rank_key
 from .functional import stochastic_depth
 
 __all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_kept"]
@@ -50,6 +50,11 @@ def _module_rng_outside_graph(module) -> Tensor:
 def _residual(x, branch, survival_prob, mode, scaling, rng, rank):
     """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`."""
     batch, batch_mode = x.shape[0], mode == "batch"
+    if capturing(x):
+        raise RuntimeError(
+            "StochasticResidual cannot be captured in a CUDA graph: the kept count sizes the "
+            "branch's input, so the mask is read on the host (docs/design.md, \"CUDA\"); use "
+            "StochasticDepth or drop_path in captured code")
     settle = _settle if _mode.eager(x) else _settle_outside_graph
     rng, n_kept = settle(rng, rank, batch, survival_prob, batch_mode)
     if n_kept == 0:
