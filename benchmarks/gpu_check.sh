@@ -41,6 +41,7 @@ export PY SITE PKG DRY OUT
 export STOCHDEPTH_IN_GPU_CHECK=1 # tests/test_gpu_check.py: no dry run inside the real run
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/sd-hypothesis
+export XLA_PYTHON_CLIENT_PREALLOCATE=false # a JAX GPU test shares the GPU with torch's tests
 if [[ "$DRY" != 1 ]]; then
   export STOCHDEPTH_EXPECT_CUDA=1
   export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -203,6 +204,16 @@ sanitize() {
 }
 run_pytest() {
   local tests=(tests)
+  # tests/test_jax.py runs the JAX suite (tests/jax) in its own process: where this machine's
+  # jax sees the GPU, its GPU tests (the CUDA FFI targets) must run, not skip; without jax (the
+  # bare image) test_jax.py is a skip, and with a CPU-only jax the GPU tests skip.
+  if [[ "$DRY" != 1 ]] && "$PY" -c "import jax, sys; sys.exit(0 if jax.devices('gpu') else 1)" \
+    >/dev/null 2>&1; then
+    export STOCHDEPTH_REQUIRE_JAX_GPU=1
+    echo "jax sees the GPU: tests/jax/test_jax_gpu.py must run"
+  else
+    echo "no JAX GPU backend: tests/test_jax.py runs the CPU suite, or skips without jax"
+  fi
   # Many processes on the one GPU: the suite is mostly CPU-bound tests.
   [[ "$DRY" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && tests=(-n 8 tests)
   [[ "$DRY" == 1 ]] && tests=(tests/test_cuda_emulated.py tests/test_cuda_stream_args.py

@@ -35,12 +35,20 @@ if(NOT STOCHDEPTH_JAX STREQUAL "OFF")
     target_include_directories(_jax_ffi SYSTEM PRIVATE "${STOCHDEPTH_JAX_INCLUDE}")
     target_compile_definitions(_jax_ffi PRIVATE
                                STOCHDEPTH_JAXLIB_BUILD_VERSION="${STOCHDEPTH_JAXLIB_VERSION}")
+    # The CUDA handlers (platform "CUDA") exist when the core has CUDA. They reach the kernels
+    # through _core's entry table and take XLA's stream as a void*: no CUDA header or library.
+    if(STOCHDEPTH_WITH_CUDA)
+      target_compile_definitions(_jax_ffi PRIVATE STOCHDEPTH_JAX_CUDA=1)
+    else()
+      target_compile_definitions(_jax_ffi PRIVATE STOCHDEPTH_JAX_CUDA=0)
+    endif()
     target_compile_options(_jax_ffi PRIVATE -ffp-contract=off -fno-fast-math -Wall -Wextra)
     if(STOCHDEPTH_WERROR)
       target_compile_options(_jax_ffi PRIVATE -Werror)
     endif()
     install(TARGETS _jax_ffi LIBRARY DESTINATION stochdepth)
-    message(STATUS "stochdepth: JAX FFI module ON (jaxlib ${STOCHDEPTH_JAXLIB_VERSION} headers)")
+    message(STATUS "stochdepth: JAX FFI module ON (jaxlib ${STOCHDEPTH_JAXLIB_VERSION} headers, "
+                   "CUDA targets ${STOCHDEPTH_WITH_CUDA})")
   elseif(STOCHDEPTH_JAX STREQUAL "ON")
     message(FATAL_ERROR "STOCHDEPTH_JAX=ON but no jaxlib >= ${STOCHDEPTH_MIN_JAXLIB} with the XLA "
                         "FFI headers (include/xla/ffi/api/ffi.h) is importable by ${Python_EXECUTABLE}.")

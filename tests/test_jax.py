@@ -3,6 +3,8 @@ fresh process and fails when it fails, passes nothing, or skips anything. Separa
 started JAX backend makes every later os.fork() in this process warn (an error here).
 
 Where jax is not installed this is a skip, unless STOCHDEPTH_REQUIRE_JAX=1 (then a failure).
+The one skip accepted inside the suite is a GPU test's where jax has no GPU backend
+(tests/jax/test_jax_gpu.py, GPU_SKIP).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sd_testutil import junit_outcomes
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 900
+GPU_SKIP = "no JAX GPU backend"  # the start of tests/jax/test_jax_gpu.py's GPU_SKIP
 
 
 def test_jax_suite(tmp_path):
@@ -38,4 +41,6 @@ def test_jax_suite(tmp_path):
                for name, outcome, message in cases]
     counts = Counter(outcome for _, outcome, _ in results)
     assert counts["passed"] > 100, output
-    assert set(counts) == {"passed"}, [r for r in results if r[1] != "passed"]
+    unexpected = [r for r in results
+                  if r[1] != "passed" and not (r[1] == "skipped" and r[2].startswith(GPU_SKIP))]
+    assert not unexpected, unexpected

@@ -1,8 +1,9 @@
 // stochdepth._jax_ffi: the op as typed XLA FFI handlers (headers from the installed jaxlib) for
-// jax.ffi.ffi_call, exported as capsules. The handlers run the core that `_core` loaded, through
-// the entry table it hands over (core_entry.h); (seed, offset) arrive as a u32[4] operand, so a
-// new key under jax.jit is a new mask without recompiling (docs/design.md, "Randomness in the
-// adapters").
+// jax.ffi.ffi_call, exported as capsules: CPU handlers always, CUDA ones (XLA's stream, command-
+// buffer compatible) when the core has CUDA. The handlers run the core that `_core` loaded,
+// through the entry table it hands over (core_entry.h); (seed, offset) arrive as a u32[4]
+// operand, so a new key under jax.jit is a new mask without recompiling (docs/design.md,
+// "Randomness in the adapters"). This module never links CUDA: the stream is a void*.
 #include <pybind11/pybind11.h>
 
 #include <atomic>
@@ -175,6 +176,55 @@ ffi::Error backward_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ff
   return run_cpu(params);
 }
 
+#if STOCHDEPTH_JAX_CUDA
+// The key operand u32[4] = [seed_lo, seed_hi, offset_lo, offset_hi] is, on a little-endian
+// host and device, the two u64 words [seed, offset] of DropPathParams::rng_words: the kernels
+// read it where XLA put it, when they run. Nothing here reads device memory or allocates, and the
+// same call always queues the same launch (only the pointers differ), so XLA may capture the
+// call into a command buffer (a CUDA graph) and replay it with a new key each time
+// (docs/design.md, "CUDA").
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "the key operand is read as [seed, offset] u64 words");
+
+ffi::Error run_cuda(DropPathParams& params, const ffi::AnyBuffer& key, void* stream,
+                    int32_t device) {
+  const void* words = key.untyped_data();
+  if (reinterpret_cast<uintptr_t>(words) % alignof(uint64_t) != 0) {
+    return ffi::Error::InvalidArgument("stochdepth: the key operand is not 8-byte aligned");
+  }
+  params.rng_words = static_cast<const uint64_t*>(words);
+  try {
+    g_entry.load()->drop_path(params, Device{DeviceKind::kCUDA, device}, stream);
+  } catch (const std::invalid_argument& e) {
+    return ffi::Error::InvalidArgument(std::string("stochdepth: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("stochdepth: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error forward_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
+                        ffi::AnyBuffer residual, ffi::AnyBuffer key,
+                        ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                        int64_t batch_mode, int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, &shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  return run_cuda(params, key, stream, device);
+}
+
+ffi::Error backward_cuda(void* stream, int32_t device, ffi::AnyBuffer input, ffi::AnyBuffer key,
+                         ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                         int64_t batch_mode, int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  return run_cuda(params, key, stream, device);
+}
+#endif  // STOCHDEPTH_JAX_CUDA
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kForwardCpu, forward_cpu,
@@ -200,6 +250,37 @@ XLA_FFI_DEFINE_HANDLER(kBackwardCpu, backward_cpu,
                            .Attr<int64_t>("batch_mode")
                            .Attr<int64_t>("scaling"));
 
+#if STOCHDEPTH_JAX_CUDA
+XLA_FFI_DEFINE_HANDLER(kForwardCuda, forward_cuda,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<void*>>()
+                           .Ctx<ffi::DeviceOrdinal>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Attr<double>("survival_prob")
+                           .Attr<int64_t>("axis")
+                           .Attr<int64_t>("training")
+                           .Attr<int64_t>("batch_mode")
+                           .Attr<int64_t>("scaling"),
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(kBackwardCuda, backward_cuda,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<void*>>()
+                           .Ctx<ffi::DeviceOrdinal>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Attr<double>("survival_prob")
+                           .Attr<int64_t>("axis")
+                           .Attr<int64_t>("training")
+                           .Attr<int64_t>("batch_mode")
+                           .Attr<int64_t>("scaling"),
+                       {ffi::Traits::kCmdBufferCompatible});
+#endif  // STOCHDEPTH_JAX_CUDA
+
 PYBIND11_MODULE(_jax_ffi, m) {
   m.doc() = "stochdepth's XLA FFI handlers. Use stochdepth.jax instead.";
   m.def(
@@ -217,12 +298,35 @@ PYBIND11_MODULE(_jax_ffi, m) {
         g_entry.store(e);
       },
       py::arg("entry"));
-  m.def("handlers", [] {
-    py::dict d;
-    d["stochdepth_forward"] = py::capsule(reinterpret_cast<void*>(kForwardCpu));
-    d["stochdepth_backward"] = py::capsule(reinterpret_cast<void*>(kBackwardCpu));
-    return d;
-  });
+  // XLA's platform names; "CUDA" only when the core was built with CUDA.
+#if STOCHDEPTH_JAX_CUDA
+  m.attr("platforms") = py::make_tuple("cpu", "CUDA");
+#else
+  m.attr("platforms") = py::make_tuple("cpu");
+#endif
+  m.def(
+      "handlers",
+      [](const std::string& platform) {
+        XLA_FFI_Handler* forward = nullptr;
+        XLA_FFI_Handler* backward = nullptr;
+        if (platform == "cpu") {
+          forward = kForwardCpu;
+          backward = kBackwardCpu;
+#if STOCHDEPTH_JAX_CUDA
+        } else if (platform == "CUDA") {
+          forward = kForwardCuda;
+          backward = kBackwardCuda;
+#endif
+        } else {
+          throw std::invalid_argument("stochdepth._jax_ffi has no handlers for platform '" +
+                                      platform + "'");
+        }
+        py::dict d;
+        d["stochdepth_forward"] = py::capsule(reinterpret_cast<void*>(forward));
+        d["stochdepth_backward"] = py::capsule(reinterpret_cast<void*>(backward));
+        return d;
+      },
+      py::arg("platform") = "cpu");
   // The XLA FFI API version of the headers this module was compiled with.
   m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.attr("jaxlib_build_version") = STOCHDEPTH_JAXLIB_BUILD_VERSION;

@@ -22,7 +22,13 @@ without recompiling. Accepted:
 
 `survival_prob`, `training`, `mode`, `axis` and `scaling` are static (Python values): a new
 value compiles anew. vmap is supported and runs the op once per element (sequentially), so
-each element may carry its own key. Platforms: the CPU (a GPU backend is not registered yet).
+each element may carry its own key.
+
+Platforms: the CPU, and CUDA GPUs when stochdepth was built with CUDA (a JAX GPU backend, e.g.
+jax[cuda12], runs the library's CUDA kernels on XLA's stream). On the GPU the key operand stays
+on the device: the kernels read (seed, offset) from it when they run, so the call may be
+captured into XLA's command buffers (CUDA graphs) and replayed with new keys (docs/design.md,
+"CUDA").
 """
 
 from __future__ import annotations

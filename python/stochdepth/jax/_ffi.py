@@ -4,6 +4,10 @@ The module is compiled against the XLA FFI headers of the jaxlib found at build 
 running jaxlib of at least MIN_JAXLIB. An older jaxlib, or a build without the module, is an
 ImportError that says what to do; XLA's own refusal of the handlers is re-raised with both
 versions named.
+
+Platforms: "cpu" always; "CUDA" when the build has CUDA (the module's `platforms`). A CUDA
+target is registered even where jax has no GPU backend: jaxlib keeps it for a CUDA plugin that
+starts later. The CUDA handlers are command-buffer compatible (docs/design.md, "CUDA").
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import re
 
 import jax
 import jaxlib
+from jaxlib import xla_client
 
 from .. import _core
 
@@ -57,23 +62,43 @@ def _load_module():
     return _jax_ffi
 
 
+# platform -> the target names registered for it, filled by register().
+REGISTERED: dict[str, tuple[str, ...]] = {}
+
+
+def _traits(platform):
+    """The registration's traits: the CUDA handlers may be captured into a command buffer."""
+    traits = getattr(xla_client, "CustomCallTargetTraits", None)
+    if platform != "CUDA" or traits is None:
+        return {}
+    return {"traits": traits.COMMAND_BUFFER_COMPATIBLE}
+
+
 def register():
-    """Connects the module to the core and registers its CPU targets; returns the module."""
+    """Connects the module to the core and registers its targets on every platform it has
+    (the CPU, and CUDA in a CUDA build); returns the module."""
     check_jaxlib()
     module = _load_module()
     module.connect(_core._core_entry)
-    for name, capsule in module.handlers().items():
-        try:
-            jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)
-        except Exception as e:  # XLA names the API version it refuses
-            major, minor = module.ffi_api_version
-            raise RuntimeError(
-                f"XLA refused stochdepth's FFI target {name!r}: the module was built against "
-                f"jaxlib {module.jaxlib_build_version} (XLA FFI API {major}.{minor}); the "
-                f"running jaxlib is {_jaxlib_version()}. Rebuild stochdepth against this jaxlib. "
-                f"({e})"
-            ) from e
+    for platform in module.platforms:
+        for name, capsule in module.handlers(platform).items():
+            _register(module, name, capsule, platform)
+        REGISTERED[platform] = tuple(sorted(module.handlers(platform)))
     return module
+
+
+def _register(module, name, capsule, platform):
+    try:
+        jax.ffi.register_ffi_target(name, capsule, platform=platform, api_version=1,
+                                    **_traits(platform))
+    except Exception as e:  # XLA names the API version it refuses
+        major, minor = module.ffi_api_version
+        raise RuntimeError(
+            f"XLA refused stochdepth's FFI target {name!r} ({platform}): the module was built "
+            f"against jaxlib {module.jaxlib_build_version} (XLA FFI API {major}.{minor}); the "
+            f"running jaxlib is {_jaxlib_version()}. Rebuild stochdepth against this jaxlib. "
+            f"({e})"
+        ) from e
 
 
 MODULE = register()
