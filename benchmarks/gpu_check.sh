@@ -17,7 +17,8 @@
 # The last thing printed is the table: each target, the measured value, PASS / FAIL / NOT RUN.
 # Everything goes to $OUT/gpu_check.log too. Exit status 0 only if every step passed.
 # Knobs: SD_BUDGET, SD_CUDA_ARCH (default: this GPU's), SD_JOBS, SD_PYTEST_ARGS, SD_MEMCHECK_K,
-# SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names), SD_DRY_RUN=1 (same as --dry-run).
+# SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names), SD_DRY_RUN=1 (same as --dry-run),
+# SD_DRY_STEP_SECONDS (dry runs only: seconds each step spends first; for the deadline's test).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
@@ -68,6 +69,9 @@ step() {
   local t=$SECONDS
   echo
   echo "==== [$name] $(date -u +%H:%M:%S) cap ${cap}s: $*"
+  # Dry runs only: each step first spends SD_DRY_STEP_SECONDS of the budget, so that the test
+  # of the shared deadline does not depend on how fast this machine runs the stand-ins.
+  if [[ "$DRY" == 1 && -n "${SD_DRY_STEP_SECONDS:-}" ]]; then sleep "$SD_DRY_STEP_SECONDS"; fi
   if declare -F "$1" >/dev/null; then # a function of this script: timeout needs a program
     timeout --kill-after=10 "$cap" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@"
   else
