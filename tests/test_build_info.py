@@ -107,3 +107,15 @@ def test_import_does_not_import_frameworks():
             "print(sorted(m for m in ('torch','keras','jax','tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_license_ships_with_the_installed_package():
+    """The wheel carries LICENSE (Apache-2.0), and the metadata names the same license."""
+    from importlib import metadata
+
+    files = [f for f in (metadata.files("stochdepth") or []) if f.name == "LICENSE"]
+    assert files, "LICENSE is missing from the installed distribution"
+    text = files[0].read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    meta = metadata.metadata("stochdepth")
+    assert "Apache-2.0" in (meta.get("License-Expression") or meta.get("License") or "")
