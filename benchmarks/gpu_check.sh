@@ -239,32 +239,9 @@ else
 fi
 
 # ---- 4. the benchmarks, alone on the GPU; JSON rewritten as they go
-FAKE_CUDA='
-import sys, time, types, torch
-import stochdepth, stochdepth.bench.cuda_rows as cuda_rows
-from stochdepth.bench import main
-class Event:
-    def __init__(self, enable_timing=False): self.t = None
-    def record(self, stream=None): self.t = time.perf_counter_ns()
-    def elapsed_time(self, end): return (end.t - self.t) / 1e6
-props = types.SimpleNamespace(name="dry run (CPU)", major=0, minor=0, multi_processor_count=1,
-                              total_memory=2**30, L2_cache_size=2**20)
-torch.cuda.is_available = lambda: True
-torch.cuda.current_device = lambda: 0
-torch.cuda.get_device_properties = lambda i: props
-torch.cuda.synchronize = lambda *a, **k: None
-torch.cuda.Event = Event
-torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(cuda_stream=0)
-torch.cuda.empty_cache = lambda: None
-cuda_rows.cuda_device = lambda t: (t.device("cpu"), -1)
-info = dict(stochdepth.build_info(), cuda_compiled=True, cuda_device_count=1)
-stochdepth.build_info = lambda: info
-sys.exit(main(sys.argv[1:]))
-'
-export FAKE_CUDA
 bench() {
   if [[ "$DRY" == 1 ]]; then
-    "$PY" -c "$FAKE_CUDA" --device cuda --quick --no-compile --no-keras --no-progress \
+    "$PY" benchmarks/bench_fake_cuda.py --device cuda --quick --no-compile --no-keras --no-progress \
       --cases small --json "$OUT/bench_cuda.json"
   else
     # shellcheck disable=SC2086

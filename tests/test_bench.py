@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -241,44 +242,14 @@ def test_anchor_loading(tmp_path):
     assert "STOCHDEPTH_BENCH_NO_TIMM" in source
 
 
-# Runs `--device cuda` with torch.cuda faked over CPU tensors: CUDA events become wall-clock
-# stamps, the "GPU" is the CPU (device ordinal -1, 1 MiB of L2) and build_info claims a CUDA
-# build. Only the plumbing of the CUDA mode is checked (builders, autograd rows, ceilings, JSON),
-# so that its one run on a real GPU does not die of a typo. It relies on stochdepth accepting
-# stream=0 with CPU arrays.
-FAKE_CUDA = """
-import sys, time, types, torch
-import stochdepth, stochdepth.bench.cuda_rows as cuda_rows
-from stochdepth.bench import main
-
-class Event:
-    def __init__(self, enable_timing=False):
-        self.t = None
-    def record(self, stream=None):
-        self.t = time.perf_counter_ns()
-    def elapsed_time(self, end):
-        return (end.t - self.t) / 1e6
-
-props = types.SimpleNamespace(name="fake", major=9, minor=0, multi_processor_count=1,
-                              total_memory=2**30, L2_cache_size=2**20)
-torch.cuda.is_available = lambda: True
-torch.cuda.current_device = lambda: 0
-torch.cuda.get_device_properties = lambda i: props
-torch.cuda.synchronize = lambda *a, **k: None
-torch.cuda.Event = Event
-torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(cuda_stream=0)
-torch.cuda.empty_cache = lambda: None
-cuda_rows.cuda_device = lambda t: (t.device("cpu"), -1)
-info = dict(stochdepth.build_info(), cuda_compiled=True, cuda_device_count=1)
-stochdepth.build_info = lambda: info
-sys.exit(main(sys.argv[1:]))
-"""
+# `--device cuda` with torch.cuda faked over CPU tensors: the plumbing of the CUDA mode only.
+FAKE_CUDA = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fake_cuda.py"
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_cuda_mode_plumbing_with_fake_cuda(tmp_path):
     out_json = tmp_path / "cuda.json"
-    cmd = [sys.executable, "-c", FAKE_CUDA, "--device", "cuda", "--quick", "--no-compile",
+    cmd = [sys.executable, str(FAKE_CUDA), "--device", "cuda", "--quick", "--no-compile",
            "--cases", "small,3x5:bfloat16", "--json", str(out_json)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=env_with())
@@ -286,7 +257,7 @@ def test_cuda_mode_plumbing_with_fake_cuda(tmp_path):
     with open(out_json, encoding="utf-8") as f:
         data = json.load(f)
     check_common(data, device="cuda")
-    assert data["machine"]["gpu"]["name"] == "fake"
+    assert data["machine"]["gpu"]["name"] == "dry run (CPU)"
     for case in data["cases"]:
         assert case["llc"]["bytes"] == 2**20 and case["fits_in_cache"]  # the GPU's L2
         assert list(case["ops"]) == ["fwd", "fwdbwd"]
