@@ -20,13 +20,10 @@ bytes (the traffic stochdepth's kernels need, as in keras_rows), or "error".
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 from stochdepth.bench._util import short_error
-from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, _time
+from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, _time, rows_in_subprocess
 
 __all__ = ["jax_rows", "keras_jax_rows", "report"]
 
@@ -151,24 +148,10 @@ def keras_jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
 
         if keras.backend.backend() == "jax":
             return _keras_rows_here(shape, dtype, p, reps, seed)
-    code = (
-        "import json, sys\n"
-        "from stochdepth.bench.jax_rows import _keras_rows_here\n"
-        f"rows = _keras_rows_here({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
-        f"{int(seed)!r})\n"
-        "sys.stdout.write('\\nROWS ' + json.dumps(rows))\n"
-    )
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROWS "):
-            rows = json.loads(line[5:])
-            for row in rows:
-                row["shape"] = tuple(row["shape"])
-            return rows
-    raise RuntimeError(f"keras (jax) bench subprocess failed (exit {proc.returncode}):\n"
-                       f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return rows_in_subprocess(
+        "jax", "stochdepth.bench.jax_rows",
+        f"_keras_rows_here({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
+        f"{int(seed)!r})")
 
 
 def _print(title, rows, base_impl):

@@ -53,15 +53,19 @@ def _keras_is_torch_here():
     return keras.backend.backend() == "torch"
 
 
-def _rows_in_subprocess(shape, dtype, p, reps, device, seed):
+def rows_in_subprocess(backend, module, call):
+    """The rows of `<module>.<call>` computed in a fresh interpreter with KERAS_BACKEND=backend.
+
+    Keras picks its backend once per process, so rows for another backend than this process's
+    come from a child that prints them as one JSON line.
+    """
     code = (
         "import json, sys\n"
-        "from stochdepth.bench.keras_rows import keras_adapter_rows\n"
-        f"rows = keras_adapter_rows({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
-        f"device={device!r}, seed={int(seed)!r})\n"
+        f"import {module} as rows_module\n"
+        f"rows = rows_module.{call}\n"
         "sys.stdout.write('\\nROWS ' + json.dumps(rows))\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=False)
     for line in proc.stdout.splitlines():
@@ -70,7 +74,7 @@ def _rows_in_subprocess(shape, dtype, p, reps, device, seed):
             for row in rows:
                 row["shape"] = tuple(row["shape"])
             return rows
-    raise RuntimeError(f"keras bench subprocess failed (exit {proc.returncode}):\n"
+    raise RuntimeError(f"keras ({backend}) bench subprocess failed (exit {proc.returncode}):\n"
                        f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
 
 
@@ -85,7 +89,10 @@ def keras_adapter_rows(shape=KERASFACTORY_SHAPE, dtype="float32", p=0.8, reps=10
     or "error" instead of the timings.
     """
     if not _keras_is_torch_here():
-        return _rows_in_subprocess(shape, dtype, p, reps, device, seed)
+        return rows_in_subprocess(
+            "torch", "stochdepth.bench.keras_rows",
+            f"keras_adapter_rows({tuple(shape)!r}, {dtype!r}, {float(p)!r}, {int(reps)!r}, "
+            f"device={device!r}, seed={int(seed)!r})")
 
     import keras
     import torch
