@@ -11,6 +11,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -151,16 +152,23 @@ ffi::Error run_cpu(const DropPathParams& params) {
   return ffi::Error::Success();
 }
 
+// One op on the CPU: shortcut = nullptr is the single-input form (and the backward pass).
+ffi::Error op_cpu(const ffi::AnyBuffer* shortcut, const ffi::AnyBuffer& input,
+                  const ffi::AnyBuffer& key, ffi::AnyBuffer& out, double p, int64_t axis,
+                  int64_t training, int64_t batch_mode, int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, shortcut, input, key, out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
+  return run_cpu(params);
+}
+
 // out = shortcut + keep * s * residual (docs/design.md, "Semantics").
 ffi::Error forward_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::AnyBuffer key,
                        ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                        int64_t batch_mode, int64_t scaling) {
-  DropPathParams params;
-  ffi::Error err =
-      fill_params(params, &shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
-  if (!err.success()) return err;
-  read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
-  return run_cpu(params);
+  return op_cpu(&shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
 }
 
 // out = keep * s * input: the backward pass (input = grad_out, out = grad_residual) and the
@@ -168,12 +176,7 @@ ffi::Error forward_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::An
 ffi::Error backward_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
                         double p, int64_t axis, int64_t training, int64_t batch_mode,
                         int64_t scaling) {
-  DropPathParams params;
-  ffi::Error err =
-      fill_params(params, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
-  if (!err.success()) return err;
-  read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
-  return run_cpu(params);
+  return op_cpu(nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
 }
 
 #if STOCHDEPTH_JAX_CUDA
@@ -186,8 +189,14 @@ ffi::Error backward_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ff
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the key operand is read as [seed, offset] u64 words");
 
-ffi::Error run_cuda(DropPathParams& params, const ffi::AnyBuffer& key, void* stream,
-                    int32_t device) {
+// One op on the GPU, on XLA's stream; shortcut = nullptr as in op_cpu.
+ffi::Error op_cuda(void* stream, int32_t device, const ffi::AnyBuffer* shortcut,
+                   const ffi::AnyBuffer& input, const ffi::AnyBuffer& key, ffi::AnyBuffer& out,
+                   double p, int64_t axis, int64_t training, int64_t batch_mode, int64_t scaling) {
+  DropPathParams params;
+  ffi::Error err =
+      fill_params(params, shortcut, input, key, out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
   const void* words = key.untyped_data();
   if (reinterpret_cast<uintptr_t>(words) % alignof(uint64_t) != 0) {
     return ffi::Error::InvalidArgument("stochdepth: the key operand is not 8-byte aligned");
@@ -207,77 +216,62 @@ ffi::Error forward_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
                         ffi::AnyBuffer residual, ffi::AnyBuffer key,
                         ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                         int64_t batch_mode, int64_t scaling) {
-  DropPathParams params;
-  ffi::Error err =
-      fill_params(params, &shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
-  if (!err.success()) return err;
-  return run_cuda(params, key, stream, device);
+  return op_cuda(stream, device, &shortcut, residual, key, *out, p, axis, training, batch_mode,
+                 scaling);
 }
 
 ffi::Error backward_cuda(void* stream, int32_t device, ffi::AnyBuffer input, ffi::AnyBuffer key,
                          ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                          int64_t batch_mode, int64_t scaling) {
-  DropPathParams params;
-  ffi::Error err =
-      fill_params(params, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
-  if (!err.success()) return err;
-  return run_cuda(params, key, stream, device);
+  return op_cuda(stream, device, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
 }
 #endif  // STOCHDEPTH_JAX_CUDA
+
+// The op's attributes, in the order every handler above takes them after its buffers; one list,
+// so that the four bindings and stochdepth.jax's keyword names cannot drift apart.
+template <typename Binding>
+auto with_op_attrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<double>("survival_prob")
+      .template Attr<int64_t>("axis")
+      .template Attr<int64_t>("training")
+      .template Attr<int64_t>("batch_mode")
+      .template Attr<int64_t>("scaling");
+}
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kForwardCpu, forward_cpu,
-                       ffi::Ffi::Bind()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Ret<ffi::AnyBuffer>()
-                           .Attr<double>("survival_prob")
-                           .Attr<int64_t>("axis")
-                           .Attr<int64_t>("training")
-                           .Attr<int64_t>("batch_mode")
-                           .Attr<int64_t>("scaling"));
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Arg<ffi::AnyBuffer>()     // shortcut
+                                         .Arg<ffi::AnyBuffer>()     // residual
+                                         .Arg<ffi::AnyBuffer>()     // key
+                                         .Ret<ffi::AnyBuffer>()));  // out
 
 XLA_FFI_DEFINE_HANDLER(kBackwardCpu, backward_cpu,
-                       ffi::Ffi::Bind()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Ret<ffi::AnyBuffer>()
-                           .Attr<double>("survival_prob")
-                           .Attr<int64_t>("axis")
-                           .Attr<int64_t>("training")
-                           .Attr<int64_t>("batch_mode")
-                           .Attr<int64_t>("scaling"));
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Arg<ffi::AnyBuffer>()     // input
+                                         .Arg<ffi::AnyBuffer>()     // key
+                                         .Ret<ffi::AnyBuffer>()));  // out
 
 #if STOCHDEPTH_JAX_CUDA
 XLA_FFI_DEFINE_HANDLER(kForwardCuda, forward_cuda,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<void*>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Ret<ffi::AnyBuffer>()
-                           .Attr<double>("survival_prob")
-                           .Attr<int64_t>("axis")
-                           .Attr<int64_t>("training")
-                           .Attr<int64_t>("batch_mode")
-                           .Attr<int64_t>("scaling"),
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Ctx<ffi::PlatformStream<void*>>()
+                                         .Ctx<ffi::DeviceOrdinal>()
+                                         .Arg<ffi::AnyBuffer>()    // shortcut
+                                         .Arg<ffi::AnyBuffer>()    // residual
+                                         .Arg<ffi::AnyBuffer>()    // key
+                                         .Ret<ffi::AnyBuffer>()),  // out
                        {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER(kBackwardCuda, backward_cuda,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::PlatformStream<void*>>()
-                           .Ctx<ffi::DeviceOrdinal>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Arg<ffi::AnyBuffer>()
-                           .Ret<ffi::AnyBuffer>()
-                           .Attr<double>("survival_prob")
-                           .Attr<int64_t>("axis")
-                           .Attr<int64_t>("training")
-                           .Attr<int64_t>("batch_mode")
-                           .Attr<int64_t>("scaling"),
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Ctx<ffi::PlatformStream<void*>>()
+                                         .Ctx<ffi::DeviceOrdinal>()
+                                         .Arg<ffi::AnyBuffer>()    // input
+                                         .Arg<ffi::AnyBuffer>()    // key
+                                         .Ret<ffi::AnyBuffer>()),  // out
                        {ffi::Traits::kCmdBufferCompatible});
 #endif  // STOCHDEPTH_JAX_CUDA
 
