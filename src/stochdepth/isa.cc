@@ -13,8 +13,7 @@
 namespace stochdepth {
 namespace {
 
-constexpr Isa kPriority[] = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kNeon,
-                             Isa::kScalar};
+constexpr Isa kPriority[] = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kNeon, Isa::kScalar};
 
 // The table this build compiled for `isa`, or nullptr.
 const CpuKernels* compiled_kernels(Isa isa) {
