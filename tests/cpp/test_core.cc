@@ -8,7 +8,6 @@
 #include <cstring>
 #include <exception>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "drop_path.h"
@@ -280,14 +279,25 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
   params.compact_input = c.layout == Layout::kCompactInput;
   params.compact_output = c.layout == Layout::kCompactOutput;
   set_scalars(params, c.p, c.scaling);
+  // The threshold and factor from docs/design.md ("The mask stream", "Semantics"), not from
+  // set_scalars: T = floor(p * 2^32); s = 1/p (training scaling, p > 0) or 1 when training,
+  // p (inference scaling) or 1 at inference; in double, rounded once to float.
+  const uint64_t threshold = keep_threshold(c.p);
+  const double s64 = c.training ? (c.scaling == Scaling::kTraining && c.p > 0 ? 1.0 / c.p : 1.0)
+                                : (c.scaling == Scaling::kInference ? c.p : 1.0);
+  const C s = static_cast<C>(s64);
+  if (params.threshold != threshold || params.scale_f64 != s64 ||
+      params.scale_f32 != static_cast<float>(s64)) {
+    fail(where + ": set_scalars gave threshold " + hex(params.threshold) + " and scale " +
+         std::to_string(params.scale_f64));
+  }
 
   std::vector<uint8_t> keep(static_cast<size_t>(c.batch));
   std::vector<int64_t> kept_index(keep.size());
   int64_t n_kept = 0;
   for (int64_t b = 0; b < c.batch; ++b) {
-    keep[b] =
-        !c.training || keep_sample(c.seed, c.offset, c.batch_mode ? 0 : static_cast<uint64_t>(b),
-                                   params.threshold);
+    keep[b] = !c.training ||
+              keep_sample(c.seed, c.offset, c.batch_mode ? 0 : static_cast<uint64_t>(b), threshold);
     kept_index[b] = n_kept;
     n_kept += keep[b];
   }
@@ -313,8 +323,6 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
   const std::vector<Bits> xbuf0 = xbuf, scbuf0 = scbuf, outbuf0 = outbuf;
 
   // The expected output, element by element: docs/design.md, "Semantics" and "Arithmetic".
-  const C s = std::is_same_v<C, double> ? static_cast<C>(params.scale_f64)
-                                        : static_cast<C>(params.scale_f32);
   auto op = [&](const Bits* scp, Bits xb) {
     const C scaled = s * Ty::to_c(xb);
     return Ty::from_c(scp ? Ty::to_c(*scp) + scaled : scaled);
