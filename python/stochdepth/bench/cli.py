@@ -160,7 +160,8 @@ def _run_op(env, case, op, case_res, plan, timer, progress, failures):
     ceiling_entries = make(env, case, C.primitives_for(op))
     progress.note(f"{case_res['name']}: {op}: {plan.rounds} interleaved rounds")
     order, records = interleave(ceiling_entries + entries, plan, timer,
-                                on_round=lambda r: progress.step())
+                                on_round=lambda r: progress.step(),
+                                rotate_from=len(ceiling_entries))
     del entries, ceiling_entries
     summaries = {key: summarize(rec, C.PRIMITIVE_TENSORS[split_key(key)[0]] * tensor_bytes)
                  for key, rec in records.items() if not key.startswith(ROW_PREFIX)}
