@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import os
+import pathlib
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -74,6 +75,34 @@ DTYPE_IDS = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
 # Every backend reproduces stochdepth.reference bit for bit (docs/design.md, "Arithmetic"), half
 # types included: they compute in float32 and round once on store, like the reference.
 TOLERANCES = {F16: "exact", BF16: "exact", F32: "exact", F64: "exact"}
+
+def cpu_isas():
+    """The ISAs this CPU runs, best first, read independently of the library: the kernel's
+    /proc/cpuinfo flags (it hides the AVX and AVX-512 flags when the OS does not save their
+    register state) and the machine type. What the build should find with CPUID + XGETBV."""
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["neon", "scalar"]
+    if machine not in ("x86_64", "amd64"):
+        return ["scalar"]
+    flags = set()
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    isas = ["scalar"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        isas.insert(0, "avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            isas.insert(0, "avx512")
+            if "avx512_bf16" in flags:
+                isas.insert(0, "avx512_bf16")
+    return isas
+
+
+CPU_ISAS = cpu_isas()
 
 BUILD_INFO = stochdepth.build_info()
 SUPPORTED_ISAS = list(BUILD_INFO["cpu_isas_supported"])

@@ -93,15 +93,17 @@ def check_row(row, rounds):
 
 
 def check_method(op, op_res, rounds, kept, tensor_bytes):
-    """The ceiling was timed in every round before the rows, and is the least time over the
-    op's models of the best median of each primitive's implementations."""
+    """The ceiling was timed in every round before the rows (the rows rotated by one place per
+    round), and is the least time over the op's models of the best median of each primitive's
+    implementations."""
     order = op_res["round_order"]
     assert len(order) == rounds >= 2
     ceilings = [k for k in order[0] if k.startswith("ceiling:")]
     rows = [k for k in order[0] if k.startswith("row:")]
     assert ceilings and rows
-    for keys in order:  # each round: all ceiling primitives, then all rows
-        assert keys == ceilings + rows
+    for r, keys in enumerate(order):  # each round: all ceiling primitives, then all rows
+        shift = r % len(rows)
+        assert keys == ceilings + rows[shift:] + rows[:shift]
     c = op_res["ceiling"]
     for prim, p in c["primitives"].items():
         ok = {label: s["median_ms"] for label, s in p["impls"].items() if "error" not in s}
@@ -196,6 +198,31 @@ def test_custom_cases_without_torch(tmp_path):
     assert list(prims16["copy"]["impls"]) == ["stochdepth _core.stream_copy",
                                               "np.copyto (1 thread)"]
     assert data["config"]["skipped"]["torch"] == "disabled by --no-torch"
+
+
+def test_compare_isas_rows(tmp_path):
+    """By default the library's main row of each op also runs on every other vector ISA this
+    CPU supports ("sd@isa"), labelled with its ISA, in the same rounds; --compare-isas none and
+    an explicit list choose them; an unsupported name is refused."""
+    import stochdepth
+
+    others = [i for i in stochdepth.build_info()["cpu_isas_supported"]
+              if i not in ("scalar", stochdepth.get_isa())]
+    for args, want in ((), others), (("--compare-isas", "none"), []), (
+            ("--compare-isas", "scalar"), ["scalar"]):
+        data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--ops", "fwd,bwd", "--rounds", "2",
+                            "--cases", "4x7x3:bfloat16", *args)
+        for op_res in data["cases"][0]["ops"].values():
+            rows = {r["impl"]: r for r in op_res["rows"]}
+            assert [k for k in rows if "@" in k] == [f"sd@{i}" for i in want]
+            for i in want:
+                assert rows[f"sd@{i}"]["label"] == f"stochdepth [{i}]"
+                check_row(rows[f"sd@{i}"], 2)
+            assert rows["sd"]["label"] == (
+                f"stochdepth [{stochdepth.get_isa()}]" if want else "stochdepth")
+    r = subprocess.run([sys.executable, "-m", "stochdepth.bench", "--quick", "--no-torch",
+                        "--compare-isas", "sse9000"], capture_output=True, text=True)
+    assert r.returncode != 0 and "sse9000" in r.stderr
 
 
 @pytest.mark.slow
@@ -306,6 +333,12 @@ def test_interleave_times_every_entry_in_every_round():
     order, records = timing.interleave(entries, plan, Timer())
     assert log == ["c1", "c2", "r1", "r2"] * 2 + ["c1", "c2", "r1"]
     assert order == [["c1", "c2", "r1", "r2"], ["c1", "c2", "r1"], ["c1", "c2", "r1"]]
+    # With the ceilings fixed, the rows rotate by one place per round.
+    log.clear()
+    entries = [timing.Entry(k, None) for k in ("c1", "c2", "r1", "r3", "r4")]
+    order, _ = timing.interleave(entries, plan, Timer(), rotate_from=2)
+    assert order == [["c1", "c2", "r1", "r3", "r4"], ["c1", "c2", "r3", "r4", "r1"],
+                     ["c1", "c2", "r4", "r1", "r3"]]
     assert records["r2"] == {"error": "RuntimeError: broke in round 2"}
     assert records["c1"]["calls_per_burst"] == 3  # 2.5 ms of 1 ms calls
     s = timing.summarize(records["r1"], 1e6)

@@ -1,9 +1,11 @@
 """We test what we think we test: the installed build is the one this machine should produce.
 
-A build that silently dropped CUDA or AVX2 would let every CUDA test skip and every AVX2 test run
-the scalar path, so the expectation is explicit: STOCHDEPTH_EXPECT_CUDA=0|1 and
-STOCHDEPTH_EXPECT_ISA=scalar|avx2 (CI sets both), and without them what this machine implies
-(CUDA when nvcc is on PATH, since STOCHDEPTH_CUDA=AUTO builds it then; AVX2 when the CPU has it).
+A build that silently dropped CUDA or a vector ISA would let every CUDA test skip and every
+vector test run a slower path, so the expectation is explicit: STOCHDEPTH_EXPECT_CUDA=0|1 (CI
+sets it; without it, CUDA when nvcc is on PATH, since STOCHDEPTH_CUDA=AUTO builds it then), and
+the active ISA must be the best one this CPU runs according to /proc/cpuinfo, with every ISA
+this CPU runs compiled in (STOCHDEPTH_EXPECT_ISA=name overrides that for a deliberately
+reduced build).
 """
 
 import os
@@ -11,12 +13,10 @@ import pathlib
 import re
 import shutil
 
+import pytest
+from sd_testutil import CPU_ISAS
+
 import stochdepth
-
-
-def _cpu_has_avx2():
-    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    return all(f in flags for f in ("avx2", "fma", "f16c"))
 
 
 def test_tests_run_against_the_installed_package():
@@ -63,12 +63,21 @@ def test_cuda_emulator_present_exactly_with_cuda():
         assert _cuda_emulator.THREADS == 256
 
 
-def test_active_isa_as_expected():
-    expected = os.environ.get("STOCHDEPTH_EXPECT_ISA") or ("avx2" if _cpu_has_avx2() else "scalar")
+def test_active_isa_is_the_best_this_cpu_runs():
+    expected = os.environ.get("STOCHDEPTH_EXPECT_ISA") or CPU_ISAS[0]
     info = stochdepth.build_info()
-    assert info["cpu_isa"] == expected, info
+    assert info["cpu_isa"] == expected, (info, CPU_ISAS)
     assert info["cpu_isas_supported"][0] == expected
     assert "scalar" in info["cpu_isas_compiled"]
+
+
+def test_every_isa_this_cpu_runs_is_compiled_in():
+    if os.environ.get("STOCHDEPTH_EXPECT_ISA"):
+        pytest.skip("STOCHDEPTH_EXPECT_ISA names a deliberately reduced build")
+    info = stochdepth.build_info()
+    missing = [i for i in CPU_ISAS if i not in info["cpu_isas_compiled"]]
+    assert not missing, f"this CPU runs {CPU_ISAS} but the build lacks {missing}"
+    assert info["cpu_isas_supported"] == CPU_ISAS, info
 
 
 def _gpu_device_files():

@@ -110,7 +110,8 @@ def get_num_threads():
 
 
 def set_isa(name):
-    """Force the CPU path: "scalar" or "avx2" (ValueError if this CPU or build lacks it).
+    """Force the CPU path: "avx512_bf16", "avx512", "avx2", "neon" or "scalar" (ValueError if
+    this CPU or build lacks it; build_info()["cpu_isas_supported"] lists the ones it has).
 
     The environment variable STOCHDEPTH_CPU does the same at import.
     """

@@ -31,6 +31,7 @@ struct Float8 {
   using C = float;
   using V = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr bool kPartial = false;  // tails go element by element
   static V set1(C s) { return _mm256_set1_ps(s); }
   // Separate multiply and add (never _mm256_fmadd_ps): docs/design.md, "Arithmetic".
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -69,6 +70,7 @@ struct Vec<BFloat16> {
   using C = float;
   using V = Float8x2;
   static constexpr int64_t kWidth = 16;
+  static constexpr bool kPartial = false;
   static V set1(C s) { return {_mm256_set1_ps(s), _mm256_set1_ps(s)}; }
   static V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
   static V add(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
@@ -116,6 +118,7 @@ struct Vec<double> {
   using C = double;
   using V = __m256d;
   static constexpr int64_t kWidth = 4;
+  static constexpr bool kPartial = false;
   static V set1(C s) { return _mm256_set1_pd(s); }
   static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
   static V add(V a, V b) { return _mm256_add_pd(a, b); }

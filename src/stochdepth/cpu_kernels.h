@@ -1,6 +1,6 @@
-// The interface between the CPU runner (cpu_run.cc) and the per-ISA CPU kernels (cpu_scalar.cc,
-// cpu_avx2.cc). ISA-free: no intrinsics here. isa.cc picks one table at run time; each ISA
-// translation unit fills its table from the one shared algorithm in cpu_kernel_impl.inc.
+// The interface between the CPU runner (cpu_run.cc) and the per-ISA CPU kernels (cpu_<isa>.cc).
+// ISA-free: no intrinsics here. isa.cc picks one table at run time; each ISA translation unit
+// fills its table from the one shared algorithm in cpu_kernel_impl.inc.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -39,6 +39,19 @@ const CpuKernels& kernels();
 }
 #if defined(STOCHDEPTH_HAVE_AVX2)
 namespace avx2 {
+const CpuKernels& kernels();
+}
+#endif
+#if defined(STOCHDEPTH_HAVE_AVX512)
+namespace avx512 {  // AVX-512 F/BW/DQ/VL; bfloat16 rounded with integer operations
+const CpuKernels& kernels();
+}
+namespace avx512_bf16 {  // the same plus AVX512_BF16's native conversion
+const CpuKernels& kernels();
+}
+#endif
+#if defined(STOCHDEPTH_HAVE_NEON)
+namespace neon {
 const CpuKernels& kernels();
 }
 #endif

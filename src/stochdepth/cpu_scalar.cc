@@ -27,6 +27,7 @@ struct ScalarVec {
   using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
   using V = C;
   static constexpr int64_t kWidth = 1;
+  static constexpr bool kPartial = false;
   static V set1(C s) { return s; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }

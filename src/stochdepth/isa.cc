@@ -1,6 +1,6 @@
-// ISA selection: which CPU kernel table runs (scalar or AVX2), chosen from what this build
-// compiled, what CPUID says this CPU supports and STOCHDEPTH_CPU. Kernel tables are filled in
-// cpu_scalar.cc / cpu_avx2.cc; this file runs none of them except through philox_block.
+// ISA selection: which CPU kernel table runs, chosen from what this build compiled, what CPUID
+// says this CPU supports and STOCHDEPTH_CPU. Kernel tables are filled in cpu_<isa>.cc; this
+// file runs none of them except through philox_block.
 #include "isa.h"
 
 #include <atomic>
@@ -13,28 +13,63 @@
 namespace stochdepth {
 namespace {
 
-constexpr Isa kPriority[] = {Isa::kAvx2, Isa::kScalar};
+constexpr Isa kPriority[] = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kNeon, Isa::kScalar};
 
-// The table for `isa`, or nullptr when this build lacks it or this CPU cannot run it.
-const CpuKernels* kernels_for(Isa isa) {
+// The table this build compiled for `isa`, or nullptr.
+const CpuKernels* compiled_kernels(Isa isa) {
   switch (isa) {
     case Isa::kScalar:
       return &scalar::kernels();
     case Isa::kAvx2:
 #if defined(STOCHDEPTH_HAVE_AVX2)
-      if (cpu_has_avx2_fma_f16c()) return &avx2::kernels();
+      return &avx2::kernels();
+#endif
+      return nullptr;
+    case Isa::kAvx512:
+#if defined(STOCHDEPTH_HAVE_AVX512)
+      return &avx512::kernels();
+#endif
+      return nullptr;
+    case Isa::kAvx512Bf16:
+#if defined(STOCHDEPTH_HAVE_AVX512)
+      return &avx512_bf16::kernels();
+#endif
+      return nullptr;
+    case Isa::kNeon:
+#if defined(STOCHDEPTH_HAVE_NEON)
+      return &neon::kernels();
 #endif
       return nullptr;
   }
   return nullptr;
 }
 
-bool compiled(Isa isa) {
-#if defined(STOCHDEPTH_HAVE_AVX2)
-  if (isa == Isa::kAvx2) return true;
+// Whether this CPU (and its OS) can run `isa`'s instructions.
+bool cpu_runs(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+      return cpu_has_avx2_fma_f16c();
+    case Isa::kAvx512:
+      return cpu_has_avx512();
+    case Isa::kAvx512Bf16:
+      return cpu_has_avx512_bf16();
+    case Isa::kNeon:
+      // NEON (Advanced SIMD) is part of the aarch64 baseline: a build that compiled it runs it.
+#if defined(__aarch64__)
+      return true;
+#else
+      return false;
 #endif
-  return isa == Isa::kScalar;
+  }
+  return false;
 }
+
+// The table for `isa`, or nullptr when this build lacks it or this CPU cannot run it.
+const CpuKernels* kernels_for(Isa isa) { return cpu_runs(isa) ? compiled_kernels(isa) : nullptr; }
+
+bool compiled(Isa isa) { return compiled_kernels(isa) != nullptr; }
 
 // Accepts any compiled or uncompiled name; callers check support.
 bool isa_from_name(const std::string& name, Isa& isa) {
@@ -82,8 +117,14 @@ std::atomic<const CpuKernels*>& active_slot() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
+    case Isa::kAvx512:
+      return "avx512";
     case Isa::kAvx2:
       return "avx2";
+    case Isa::kNeon:
+      return "neon";
     case Isa::kScalar:
       return "scalar";
   }

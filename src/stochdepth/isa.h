@@ -9,10 +9,11 @@
 
 namespace stochdepth {
 
-// In priority order: the first one this CPU supports is the default.
-enum class Isa : uint8_t { kAvx2 = 0, kScalar = 1 };
+// In priority order: the first one this CPU supports is the default. x86-64 builds compile
+// avx512_bf16, avx512 and avx2; aarch64 builds compile neon; every build compiles scalar.
+enum class Isa : uint8_t { kAvx512Bf16, kAvx512, kAvx2, kNeon, kScalar };
 
-const char* isa_name(Isa isa);  // "avx2", "scalar"
+const char* isa_name(Isa isa);  // "avx512_bf16", "avx512", "avx2", "neon", "scalar"
 // The ISA named `name` if this build compiled it and this CPU supports it; otherwise throws
 // std::invalid_argument naming the supported ones.
 Isa supported_isa(const std::string& name);

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["CASES", "DEFAULT_CASES", "OPS", "IMPLS", "ROWS", "SEED", "SCALING", "MODE",
+__all__ = ["CASES", "DEFAULT_CASES", "OPS", "IMPLS", "ROWS", "SEED", "impl_info", "SCALING", "MODE",
            "ANCHORS", "BYTES_NOTE", "op_bytes", "ceiling_models", "parse_case", "np_dtype",
            "np_to_torch", "kept_fraction"]
 
@@ -69,6 +69,16 @@ IMPLS = {
     "timm": ("timm drop_path, eager", "timm", ("torch",)),
     "compile": ("torch.compile(torchvision stochastic_depth)", "compile", ("torch", "compile")),
 }
+
+
+def impl_info(impl):
+    """(label, anchor, needs) of a row key. "sd@avx2" is the "sd" row run on another CPU ISA
+    (stochdepth.set_isa around each call), for comparing the ISAs in the same rounds."""
+    base, _, isa = impl.partition("@")
+    label, anchor, needs = IMPLS[base]
+    return (f"{label} [{isa}]" if isa else label), anchor, needs
+
+
 ANCHORS = [("numpy", "vs NumPy"), ("torchvision", "vs tv"), ("timm", "vs timm"),
            ("compile", "vs compile")]
 

@@ -67,17 +67,40 @@ class Env:
             return self.compile_error is None
         raise ValueError(need)
 
+    def compared_isas(self):
+        """The other CPU ISAs whose "sd" rows run beside the active one's (--compare-isas)."""
+        if self.args.device != "cpu" or self.args.compare_isas == "none":
+            return []
+        supported = self.sd.build_info()["cpu_isas_supported"]
+        if self.args.compare_isas == "vector":
+            wanted = [i for i in supported if i != "scalar"]
+        else:
+            wanted = [i.strip() for i in self.args.compare_isas.split(",") if i.strip()]
+            bad = [i for i in wanted if i not in supported]
+            if bad:
+                raise SystemExit(f"--compare-isas: {bad} not supported here ({supported})")
+        return [i for i in wanted if i != self.sd.get_isa()]
+
     def rows_for(self, device, op):
-        return [k for k in C.ROWS[device][op] if all(self.has(n) for n in C.IMPLS[k][2])]
+        rows = []
+        for k in C.ROWS[device][op]:
+            if all(self.has(n) for n in C.IMPLS[k][2]):
+                rows.append(k)
+                if k == "sd":
+                    rows += [f"sd@{isa}" for isa in self.compared_isas()]
+        return rows
 
     def label(self, impl):
-        """The row's label; an anchor running the formula instead of its package says so."""
-        base, anchor, _ = C.IMPLS[impl]
+        """The row's label; an anchor running the formula instead of its package says so, and
+        the library's own row names its ISA when other ISAs are compared."""
+        base, anchor, _ = C.impl_info(impl)
+        if impl == "sd" and self.compared_isas():
+            base += f" [{self.sd.get_isa()}]"
         source = self.anchor_of(impl)
         return source.label(base) if source is not None else base
 
     def anchor_of(self, impl):
-        anchor = C.IMPLS[impl][1]
+        anchor = C.impl_info(impl)[1]
         return self.anchors.get("torchvision" if anchor == "compile" else anchor)
 
     def compile(self, fn):
@@ -119,7 +142,7 @@ def _run_op(env, case, op, case_res, plan, timer, progress, failures):
     nbytes = C.op_bytes(op, case_res["n_elems"], tensor_bytes // case_res["n_elems"], kept)
     rows, entries = [], []
     for impl in env.rows_for(device, op):
-        label, anchor, _ = C.IMPLS[impl]
+        label, anchor, _ = C.impl_info(impl)
         row = {"op": op, "impl": impl, "label": env.label(impl), "anchor": anchor}
         source = env.anchor_of(impl)
         if source is not None:
@@ -137,7 +160,8 @@ def _run_op(env, case, op, case_res, plan, timer, progress, failures):
     ceiling_entries = make(env, case, C.primitives_for(op))
     progress.note(f"{case_res['name']}: {op}: {plan.rounds} interleaved rounds")
     order, records = interleave(ceiling_entries + entries, plan, timer,
-                                on_round=lambda r: progress.step())
+                                on_round=lambda r: progress.step(),
+                                rotate_from=len(ceiling_entries))
     del entries, ceiling_entries
     summaries = {key: summarize(rec, C.PRIMITIVE_TENSORS[split_key(key)[0]] * tensor_bytes)
                  for key, rec in records.items() if not key.startswith(ROW_PREFIX)}
@@ -346,7 +370,12 @@ def parse_args(argv=None):
                          "(HTML; PNG if FILE ends in .png and kaleido is installed)")
     ap.add_argument("--threads", type=int, default=None,
                     help="stochdepth.set_num_threads(N) first (torch keeps its default)")
-    ap.add_argument("--isa", default=None, help="stochdepth.set_isa(ISA) first (scalar|avx2)")
+    ap.add_argument("--isa", default=None,
+                    help="stochdepth.set_isa(ISA) first (e.g. avx2; build_info() lists them)")
+    ap.add_argument("--compare-isas", default="vector", metavar="LIST",
+                    help="also time the library's main row of each op on these other CPU ISAs, "
+                         "in the same rounds: 'vector' (default: every supported ISA but "
+                         "scalar), 'none', or a comma-separated list")
     ap.add_argument("--no-torch", action="store_true", help="NumPy and stochdepth rows only")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-adapter", action="store_true", help="skip the stochdepth.torch rows")

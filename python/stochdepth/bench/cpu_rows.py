@@ -103,9 +103,25 @@ class CpuCase:
         return cf
 
     def build(self, op, impl):
-        """Returns (fn, setup): setup (or None) runs untimed before each timed fn(*setup())."""
+        """Returns (fn, setup): setup (or None) runs untimed before each timed fn(*setup()).
+
+        "sd@isa" is the "sd" row with the CPU ISA switched to `isa` for the call and back
+        (an atomic store each way: microseconds against calls of milliseconds)."""
         self.compile_s = None
-        return getattr(self, f"_{op}")(impl)
+        base, _, isa = impl.partition("@")
+        fn, setup = getattr(self, f"_{op}")(base)
+        if not isa:
+            return fn, setup
+        sd, active = self.sd, self.sd.get_isa()
+
+        def on_isa(*args):
+            sd.set_isa(isa)
+            try:
+                return fn(*args)
+            finally:
+                sd.set_isa(active)
+
+        return on_isa, setup
 
     # -- ops
     def _fwd(self, impl):

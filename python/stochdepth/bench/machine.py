@@ -133,7 +133,8 @@ def _cpu_flags():
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "sse4_2"})
+                    return sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq",
+                                           "avx512vl", "avx512_bf16", "avx512_fp16", "sse4_2"})
     except OSError:
         pass
     return []
