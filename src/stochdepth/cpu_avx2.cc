@@ -169,8 +169,6 @@ void zero_bytes(void* dst, size_t n, bool stream) {
 
 void store_fence() { _mm_sfence(); }
 
-#include "cpu_kernel_impl.inc"
-
 // ---- Philox4x32-10 on 8 independent blocks (structure of arrays: word i of block j in c[i][j])
 
 // hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane.
@@ -206,8 +204,10 @@ void philox8(__m256i c[4], uint32_t key0, uint32_t key1) {
   }
 }
 
+constexpr int kMaskBlocks = 8;  // Philox blocks drawn at once by mask_blocks
+
 // Blocks q0 .. q0+7 of the mask stream: words[w][j] is word w of block q0 + j.
-void mask_blocks8(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][8]) {
+void mask_blocks(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][kMaskBlocks]) {
   alignas(32) uint32_t lo[8], hi[8];
   for (int j = 0; j < 8; ++j) {
     const uint64_t q = q0 + static_cast<uint64_t>(j);
@@ -222,21 +222,6 @@ void mask_blocks8(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4]
   for (int w = 0; w < 4; ++w) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words[w]), c[w]);
 }
 
-void compute_mask_avx2(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                       uint64_t threshold, bool batch_mode) {
-  uint32_t words[4][8];
-  if (batch_mode) {  // one draw: sample 0, word 0 of block 0
-    mask_blocks8(0, seed, offset, words);
-    std::memset(keep, words[0][0] < threshold ? 1 : 0, static_cast<size_t>(batch));
-    return;
-  }
-  for (int64_t b0 = 0; b0 < batch; b0 += 32) {  // 8 blocks of 4 samples; the tail is masked
-    mask_blocks8(static_cast<uint64_t>(b0) >> 2, seed, offset, words);
-    const int64_t n = std::min<int64_t>(32, batch - b0);
-    for (int64_t i = 0; i < n; ++i) keep[b0 + i] = words[i & 3][i >> 2] < threshold ? 1 : 0;
-  }
-}
-
 void philox_avx2(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
   __m256i c[4];
   for (int w = 0; w < 4; ++w) c[w] = _mm256_set1_epi32(static_cast<int>(counter[w]));
@@ -244,10 +229,13 @@ void philox_avx2(const uint32_t counter[4], const uint32_t key[2], uint32_t out[
   for (int w = 0; w < 4; ++w) out[w] = static_cast<uint32_t>(_mm256_extract_epi32(c[w], 0));
 }
 
+// The shared algorithm, compute_mask included (it calls mask_blocks above).
+#include "cpu_kernel_impl.inc"
+
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kAvx2, &run_range, &copy_range, &compute_mask_avx2, &philox_avx2};
+  static const CpuKernels k{Isa::kAvx2, &run_range, &copy_range, &compute_mask, &philox_avx2};
   return k;
 }
 

@@ -8,8 +8,7 @@ namespace avx512 {
 #include "cpu_avx512.inc"
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kAvx512, &run_range, &copy_range, &compute_mask_avx512,
-                            &philox_avx512};
+  static const CpuKernels k{Isa::kAvx512, &run_range, &copy_range, &compute_mask, &philox_avx512};
   return k;
 }
 

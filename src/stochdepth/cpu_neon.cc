@@ -156,8 +156,6 @@ void copy_bytes(void* dst, const void* src, size_t n, bool) { std::memcpy(dst, s
 void zero_bytes(void* dst, size_t n, bool) { std::memset(dst, 0, n); }
 void store_fence() {}
 
-#include "cpu_kernel_impl.inc"
-
 // ---- Philox4x32-10 on 4 independent blocks (structure of arrays: word i of block j in c[i][j])
 
 // hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane: UMULL/UMULL2 give the
@@ -189,8 +187,10 @@ void philox4(uint32x4_t c[4], uint32_t key0, uint32_t key1) {
   }
 }
 
+constexpr int kMaskBlocks = 4;  // Philox blocks drawn at once by mask_blocks
+
 // Blocks q0 .. q0+3 of the mask stream: words[w][j] is word w of block q0 + j.
-void mask_blocks4(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][4]) {
+void mask_blocks(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][kMaskBlocks]) {
   uint32_t lo[4], hi[4];
   for (int j = 0; j < 4; ++j) {
     const uint64_t q = q0 + static_cast<uint64_t>(j);
@@ -203,21 +203,6 @@ void mask_blocks4(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4]
   for (int w = 0; w < 4; ++w) vst1q_u32(words[w], c[w]);
 }
 
-void compute_mask_neon(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                       uint64_t threshold, bool batch_mode) {
-  uint32_t words[4][4];
-  if (batch_mode) {  // one draw: sample 0, word 0 of block 0
-    mask_blocks4(0, seed, offset, words);
-    std::memset(keep, words[0][0] < threshold ? 1 : 0, static_cast<size_t>(batch));
-    return;
-  }
-  for (int64_t b0 = 0; b0 < batch; b0 += 16) {  // 4 blocks of 4 samples; the tail is masked
-    mask_blocks4(static_cast<uint64_t>(b0) >> 2, seed, offset, words);
-    const int64_t n = std::min<int64_t>(16, batch - b0);
-    for (int64_t i = 0; i < n; ++i) keep[b0 + i] = words[i & 3][i >> 2] < threshold ? 1 : 0;
-  }
-}
-
 void philox_neon(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
   uint32x4_t c[4];
   for (int w = 0; w < 4; ++w) c[w] = vdupq_n_u32(counter[w]);
@@ -225,10 +210,13 @@ void philox_neon(const uint32_t counter[4], const uint32_t key[2], uint32_t out[
   for (int w = 0; w < 4; ++w) out[w] = vgetq_lane_u32(c[w], 0);
 }
 
+// The shared algorithm, compute_mask included (it calls mask_blocks above).
+#include "cpu_kernel_impl.inc"
+
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kNeon, &run_range, &copy_range, &compute_mask_neon, &philox_neon};
+  static const CpuKernels k{Isa::kNeon, &run_range, &copy_range, &compute_mask, &philox_neon};
   return k;
 }
 

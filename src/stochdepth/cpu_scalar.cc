@@ -62,13 +62,12 @@ void copy_bytes(void* dst, const void* src, size_t n, bool) { std::memcpy(dst, s
 void zero_bytes(void* dst, size_t n, bool) { std::memset(dst, 0, n); }
 void store_fence() {}
 
-#include "cpu_kernel_impl.inc"
-
-void compute_mask_scalar(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset,
-                         uint64_t threshold, bool batch_mode) {
-  for (int64_t b = 0; b < batch; ++b) {
-    keep[b] = keep_sample(seed, offset, batch_mode ? 0 : static_cast<uint64_t>(b), threshold);
-  }
+// One Philox block at a time: the header's own function (mask.h), which the vector units'
+// known-answer tests are checked against.
+constexpr int kMaskBlocks = 1;
+void mask_blocks(uint64_t q0, uint64_t seed, uint64_t offset, uint32_t words[4][kMaskBlocks]) {
+  const Philox4x32 x = mask_block(seed, offset, q0);
+  for (int w = 0; w < 4; ++w) words[w][0] = x.v[w];
 }
 
 void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
@@ -77,11 +76,13 @@ void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t ou
   for (int i = 0; i < 4; ++i) out[i] = x.v[i];
 }
 
+// The shared algorithm, compute_mask included (it calls mask_blocks above).
+#include "cpu_kernel_impl.inc"
+
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kScalar, &run_range, &copy_range, &compute_mask_scalar,
-                            &philox_scalar};
+  static const CpuKernels k{Isa::kScalar, &run_range, &copy_range, &compute_mask, &philox_scalar};
   return k;
 }
 
