@@ -172,18 +172,22 @@ def use_isa(name):
 
 @contextlib.contextmanager
 def use_threads(n, threshold=None):
-    """Run with `n` threads; threshold=0 forces the multi-threaded path even on tiny tensors."""
+    """Run with `n` threads; threshold=0 forces the multi-threaded path and the streaming stores
+    even on tiny tensors (both are otherwise kept for large ones)."""
     core = stochdepth._core
     old_n = stochdepth.get_num_threads()
     old_t = core.get_parallel_threshold()
+    old_s = core.get_stream_threshold()
     stochdepth.set_num_threads(n)
     if threshold is not None:
         core.set_parallel_threshold(threshold)
+        core.set_stream_threshold(threshold)
     try:
         yield n
     finally:
         stochdepth.set_num_threads(old_n)
         core.set_parallel_threshold(old_t)
+        core.set_stream_threshold(old_s)
 
 
 @pytest.fixture(params=SUPPORTED_ISAS)

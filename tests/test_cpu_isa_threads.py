@@ -146,3 +146,39 @@ def test_isas_agree_bitwise(dtype):
     assert_bits_equal(outs[base], reference.forward(sc, res, 0.6, seed=9, scaling="training"))
     for name in others:
         assert_bits_equal(outs[name], outs[base], f"{name} vs {base}")
+
+
+# ---- the store policy
+
+
+def _sysfs_llc_bytes():
+    """Size of CPU 0's highest-level cache from sysfs, read here independently; 0 if unknown."""
+    import pathlib
+
+    best = (0, 0)
+    for d in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = int((d / "level").read_text())
+            size = (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        value = int(size.rstrip("KMG")) * scale
+        best = max(best, (level, value))
+    return best[1]
+
+
+def test_stream_threshold_defaults_to_the_last_level_cache():
+    """Non-temporal stores start where the op's bytes outgrow the last-level cache (at least
+    4 MiB); build_info reports it, and the knob clamps a negative value to 0."""
+    r = run_python("import stochdepth; print(stochdepth.build_info()['stream_threshold_bytes'])")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == max(4 << 20, _sysfs_llc_bytes())
+    core = stochdepth._core
+    old = core.get_stream_threshold()
+    try:
+        core.set_stream_threshold(-5)
+        assert core.get_stream_threshold() == 0
+        assert stochdepth.build_info()["stream_threshold_bytes"] == 0
+    finally:
+        core.set_stream_threshold(old)

@@ -423,6 +423,7 @@ PYBIND11_MODULE(_core, m) {
     d["cuda_device_count"] = cuda_device_count();
     d["num_threads"] = num_threads();
     d["parallel_threshold_bytes"] = parallel_threshold_bytes();
+    d["stream_threshold_bytes"] = cpu_stream_threshold_bytes();
     d["max_threads"] = kMaxThreads;
     d["cache_limit_bytes"] = cpu_cache_limit_bytes();  // reads STOCHDEPTH_CACHE_MB
     return d;
@@ -436,6 +437,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &num_threads);
   m.def("set_parallel_threshold", &set_parallel_threshold_bytes, py::arg("bytes"));
   m.def("get_parallel_threshold", &parallel_threshold_bytes);
+  m.def("set_stream_threshold", &set_cpu_stream_threshold_bytes, py::arg("bytes"));
+  m.def("get_stream_threshold", &cpu_stream_threshold_bytes);
   m.def("cache_bytes", &cpu_cache_bytes);
   m.def("cache_clear", &cpu_cache_clear);
   // For stochdepth._jax_ffi: its XLA handlers run this module's core (src/stochdepth/core_entry.h).

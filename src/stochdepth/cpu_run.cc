@@ -4,7 +4,11 @@
 // thread management (thread_pool.cc).
 #include "cpu_run.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -13,11 +17,48 @@
 namespace stochdepth {
 namespace {
 
-// Outputs at least this large are written with non-temporal stores: they would not stay in the
-// cache anyway, and streaming saves the read-for-ownership of every output line.
-constexpr int64_t kStreamThresholdBytes = 4 << 20;
+// Size in bytes of the highest-level cache of CPU 0, from sysfs ("32768K"); 0 if unknown.
+// Not sysconf(_SC_LEVEL3_CACHE_SIZE): on the Zen 4 VM of benchmarks/RESULTS.md glibc reports
+// the whole package's 320 MiB, where a core sees one 32 MiB slice.
+int64_t last_level_cache_bytes() {
+  int64_t best_level = 0, bytes = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    int64_t level = 0, size = 0;
+    char unit = 0;
+    FILE* f = std::fopen((dir + "level").c_str(), "r");
+    if (!f) break;
+    const bool ok_level = std::fscanf(f, "%ld", &level) == 1;
+    std::fclose(f);
+    f = std::fopen((dir + "size").c_str(), "r");
+    if (!f) continue;
+    const int got = std::fscanf(f, "%ld%c", &size, &unit);
+    std::fclose(f);
+    if (!ok_level || got < 1 || size <= 0) continue;
+    if (unit == 'K') size <<= 10;
+    if (unit == 'M') size <<= 20;
+    if (unit == 'G') size <<= 30;
+    if (level > best_level) best_level = level, bytes = size;
+  }
+  return bytes;
+}
+
+// Below 4 MiB streaming never paid: partial lines and the fence cost more than the
+// read-for-ownership saved (and a machine whose cache size is unknown keeps that floor).
+constexpr int64_t kMinStreamThresholdBytes = 4 << 20;
+
+std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> bytes{std::max(kMinStreamThresholdBytes, last_level_cache_bytes())};
+  return bytes;
+}
 
 }  // namespace
+
+int64_t cpu_stream_threshold_bytes() { return stream_threshold().load(); }
+
+void set_cpu_stream_threshold_bytes(int64_t bytes) {
+  stream_threshold().store(std::max<int64_t>(0, bytes));
+}
 
 void drop_path_cpu(const DropPathParams& params) {
   const int64_t n = params.numel();
@@ -53,7 +94,11 @@ void drop_path_cpu(const DropPathParams& params) {
     }
   }
   const int64_t out_bytes = n * static_cast<int64_t>(dtype_size(params.dtype));
-  const bool stream = out_bytes >= kStreamThresholdBytes;
+  // Streaming pays when what the op moves does not fit in the cache anyway: the output would be
+  // evicted before its reader comes (measured on the Zen 4 VM, 32 MiB L3: with streaming from
+  // 4 MiB, backward on 5-10 MB tensors was 1.5-1.75x slower; above the cache, streaming was
+  // 1.2-1.4x faster).
+  const bool stream = out_bytes * (params.shortcut ? 3 : 2) >= cpu_stream_threshold_bytes();
   parallel_for(n, 64, threads_for(3 * out_bytes),
                [&](int64_t begin, int64_t end) { k.run_range(params, mask, begin, end, stream); });
 }
@@ -62,7 +107,7 @@ void stream_copy_cpu(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;
   const CpuKernels& k = active_kernels();
   const auto n = static_cast<int64_t>(bytes);
-  const bool stream = n >= kStreamThresholdBytes;
+  const bool stream = 2 * n >= cpu_stream_threshold_bytes();
   parallel_for(n, 4096, threads_for(2 * n), [&](int64_t begin, int64_t end) {
     k.copy_range(dst, src, static_cast<size_t>(begin), static_cast<size_t>(end), stream);
   });

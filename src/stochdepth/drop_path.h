@@ -97,6 +97,13 @@ void drop_path(const DropPathParams& params, Device device, void* stream);
 // library's own vectorised kernel (CUDA): the bandwidth ceiling that the benchmark reports.
 void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream);
 
+// The CPU store policy: an op (or stream_copy) whose inputs and output together move at least
+// this many bytes writes its output with non-temporal stores. Default: the size of one
+// last-level cache as sysfs reports it, at least 4 MiB (docs/design.md, "CPU kernels, threads
+// and memory"). Below it, ordinary stores leave the output in the cache for its reader.
+int64_t cpu_stream_threshold_bytes();
+void set_cpu_stream_threshold_bytes(int64_t bytes);  // negative means 0: always stream
+
 // Stores the words [seed, offset] (DropPathParams::rng_words) at `dst` on `device` before
 // returning. On CUDA the copy runs on a stream of its own and outside any graph capture in
 // progress on this thread: a captured graph that reads and advances the words starts from them.

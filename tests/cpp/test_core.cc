@@ -227,7 +227,7 @@ struct Case {
   Scaling scaling = Scaling::kTraining;
   uint64_t seed = 0, offset = 0;
   int64_t mis_x = 0, mis_sc = 0, mis_out = 0;  // elements off the allocation's alignment
-  bool threads = false;                        // split over the pool even when small
+  bool threads = false;  // split over the pool and write with streaming stores even when small
 
   std::string str() const {
     char buf[320];
@@ -356,9 +356,11 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
   Bits* out = c.in_place ? sc : outbuf.data() + kGuard + c.mis_out;
   params.out = out;
   const int64_t threshold0 = parallel_threshold_bytes();
+  const int64_t stream0 = cpu_stream_threshold_bytes();
   const int threads0 = num_threads();
   if (c.threads) {
     set_parallel_threshold_bytes(0);
+    set_cpu_stream_threshold_bytes(0);
     set_num_threads(4);
   }
   try {
@@ -367,6 +369,7 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
     fail(where + ": threw " + ex.what());
   }
   set_parallel_threshold_bytes(threshold0);
+  set_cpu_stream_threshold_bytes(stream0);
   set_num_threads(threads0);
 
   int reported = 0;
@@ -449,17 +452,18 @@ void check_kernels(Isa isa, Counts& n) {
         c.threads = idx % 3 == 0;
         run(c);
       }
-  // Outputs of 4 MiB and more: the streaming stores (and the pool), with odd row lengths so
-  // that rows start anywhere in a cache line.
+  // Outputs of 4 MiB and more, with odd row lengths so that rows start anywhere in a cache
+  // line: with the default store policy, then streaming and split over the pool.
   const int64_t big =
       (int64_t{4} << 20) / static_cast<int64_t>(sizeof(typename Ty::Bits)) / 16 + 37;
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < 6; ++variant) {
     Case c;
+    c.threads = variant >= 3;
     c.outer = 2;
     c.batch = 8;
     c.inner = big;
-    c.training = variant != 2;
-    c.shortcut = variant != 1;
+    c.training = variant % 3 != 2;
+    c.shortcut = variant % 3 != 1;
     c.p = 0.5;
     run(c);
   }
@@ -470,21 +474,26 @@ int check_copy(Isa isa) {
   const size_t sizes[] = {1, 63, 64, 65, 4095, (size_t{4} << 20) + 13};
   SplitMix rng{7};
   int checks = 0;
-  for (size_t bytes : sizes)
-    for (size_t mis = 0; mis < 3; ++mis) {
-      std::vector<uint8_t> src(bytes + 128), dst(bytes + 128, 0x5A);
-      for (uint8_t& b : src) b = static_cast<uint8_t>(rng.next());
-      const std::vector<uint8_t> dst0 = dst;
-      stream_copy(dst.data() + 64 + mis, src.data() + 64 + 2 * mis, bytes, Device{}, nullptr);
-      ++checks;
-      if (std::memcmp(dst.data() + 64 + mis, src.data() + 64 + 2 * mis, bytes) != 0 ||
-          std::memcmp(dst.data(), dst0.data(), 64 + mis) != 0 ||
-          std::memcmp(dst.data() + 64 + mis + bytes, dst0.data() + 64 + mis + bytes, 64 - mis) !=
-              0) {
-        fail(std::string(isa_name(isa)) + " stream_copy of " + std::to_string(bytes) +
-             " bytes, misaligned by " + std::to_string(mis));
+  const int64_t stream0 = cpu_stream_threshold_bytes();
+  for (int64_t threshold : {stream0, int64_t{0}})  // the default policy, then always streaming
+    for (size_t bytes : sizes)
+      for (size_t mis = 0; mis < 3; ++mis) {
+        set_cpu_stream_threshold_bytes(threshold);
+        std::vector<uint8_t> src(bytes + 128), dst(bytes + 128, 0x5A);
+        for (uint8_t& b : src) b = static_cast<uint8_t>(rng.next());
+        const std::vector<uint8_t> dst0 = dst;
+        stream_copy(dst.data() + 64 + mis, src.data() + 64 + 2 * mis, bytes, Device{}, nullptr);
+        ++checks;
+        if (std::memcmp(dst.data() + 64 + mis, src.data() + 64 + 2 * mis, bytes) != 0 ||
+            std::memcmp(dst.data(), dst0.data(), 64 + mis) != 0 ||
+            std::memcmp(dst.data() + 64 + mis + bytes, dst0.data() + 64 + mis + bytes, 64 - mis) !=
+                0) {
+          fail(std::string(isa_name(isa)) + " stream_copy of " + std::to_string(bytes) +
+               " bytes, misaligned by " + std::to_string(mis) + ", stream threshold " +
+               std::to_string(threshold));
+        }
       }
-    }
+  set_cpu_stream_threshold_bytes(stream0);
   return checks;
 }
 
