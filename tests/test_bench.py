@@ -58,7 +58,8 @@ def fake_timm(root, importable=False):
 
 def env_with(**extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for k in ("STOCHDEPTH_BENCH_NO_TIMM", "STOCHDEPTH_BENCH_NO_TORCHVISION"):
+    for k in ("STOCHDEPTH_BENCH_NO_TIMM", "STOCHDEPTH_BENCH_NO_TORCHVISION",
+              "THP_MEM_ALLOC_ENABLE"):
         env.pop(k, None)
     for k, v in extra.items():
         if k == "PYTHONPATH":
@@ -168,6 +169,9 @@ def test_quick_small_cpu(tmp_path):
     assert {"copy", "fill"} <= set(case["ops"]["bwd"]["ceiling"]["primitives"])
     assert {"copy", "add"} <= set(case["ops"]["fwd"]["ceiling"]["primitives"])
     assert data["machine"]["torch_num_threads"] >= 1
+    # torch's allocator gets huge pages (the anchors' best configuration), and the run says so.
+    assert data["config"]["torch_huge_pages"].startswith("THP_MEM_ALLOC_ENABLE=1 (set by")
+    assert "CPU allocator: THP_MEM_ALLOC_ENABLE=1" in proc.stdout
     out = proc.stdout
     assert "== small: (16, 33, 40) float32" in out and "% ceiling" in out
     assert "torchvision stochastic_depth, eager (formula)" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from stochdepth.bench import cases as C
@@ -35,6 +36,7 @@ class Env:
         self.p = float(args.p)
         self.torch = None
         self.torch_error = "disabled by --no-torch" if args.no_torch else None
+        self.torch_thp = _torch_huge_pages(args.torch_thp)
         if not args.no_torch:
             try:
                 import torch
@@ -105,6 +107,22 @@ class Env:
 
     def compile(self, fn):
         return self.torch.compile(fn, dynamic=bool(self.args.compile_dynamic))
+
+
+def _torch_huge_pages(choice):
+    """THP_MEM_ALLOC_ENABLE for torch's CPU allocator, which without it does not ask for huge
+    pages: on the Zen 4 VM of benchmarks/RESULTS.md that made torch's own rows (the anchors)
+    up to 2x slower. The anchors get their best configuration unless --torch-thp default; an
+    explicit THP_MEM_ALLOC_ENABLE in the environment wins. Read by torch at its first
+    allocation, so it is set before torch is imported. Returns what the run used."""
+    if "THP_MEM_ALLOC_ENABLE" in os.environ:
+        return f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} (from the environment)"
+    if choice == "default":
+        return "torch's default (THP_MEM_ALLOC_ENABLE unset: no huge pages; --torch-thp default)"
+    if "torch" in sys.modules:
+        return "torch's default (torch was imported before the benchmark could set it)"
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the Keras subprocess rows too
+    return "THP_MEM_ALLOC_ENABLE=1 (set by the benchmark: huge pages for torch's allocator)"
 
 
 def _plan(args):
@@ -226,7 +244,7 @@ def _header(env, plan, machine, llc):
                  f"CUDA compiled: {bi.get('cuda_compiled')}")
     if torch is not None:
         lines.append(f"torch {torch.__version__}: threads={torch.get_num_threads()} "
-                     "(torch's default, left as is)")
+                     f"(torch's default, left as is); CPU allocator: {env.torch_thp}")
         for a in env.anchors.values():
             lines.append(f"anchor {a.name}: {a.source}")
     else:
@@ -277,6 +295,7 @@ def run(args):
         "config": {"p": env.p, "seed": C.SEED, "mode": C.MODE, "scaling": C.SCALING,
                    "timing": plan.as_dict(), "quick": bool(args.quick),
                    "compile_dynamic": bool(args.compile_dynamic),
+                   "torch_huge_pages": env.torch_thp,
                    "anchors": {k: a.as_dict() for k, a in env.anchors.items()},
                    "skipped": {"adapter": env.adapter_error, "compile": env.compile_error,
                                "torch": env.torch_error}},
@@ -377,6 +396,9 @@ def parse_args(argv=None):
                          "in the same rounds: 'vector' (default: every supported ISA but "
                          "scalar), 'none', or a comma-separated list")
     ap.add_argument("--no-torch", action="store_true", help="NumPy and stochdepth rows only")
+    ap.add_argument("--torch-thp", choices=("on", "default"), default="on",
+                    help="huge pages for torch's CPU allocator (THP_MEM_ALLOC_ENABLE=1; default "
+                         "on, the anchors' best configuration), or torch's default")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-adapter", action="store_true", help="skip the stochdepth.torch rows")
     ap.add_argument("--compile-dynamic", action="store_true",
