@@ -112,7 +112,7 @@ class Env:
 def _torch_huge_pages(choice):
     """THP_MEM_ALLOC_ENABLE for torch's CPU allocator, which without it does not ask for huge
     pages: on the Zen 4 VM of benchmarks/RESULTS.md that made torch's own rows (the anchors)
-    up to 2x slower. The anchors get their best configuration unless --torch-thp default; an
+    up to 2.9x slower. The anchors get their best configuration unless --torch-thp default; an
     explicit THP_MEM_ALLOC_ENABLE in the environment wins. Read by torch at its first
     allocation, so it is set before torch is imported. Returns what the run used."""
     if "THP_MEM_ALLOC_ENABLE" in os.environ:
