@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cinttypes>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -28,11 +29,11 @@ int64_t last_level_cache_bytes() {
     char unit = 0;
     FILE* f = std::fopen((dir + "level").c_str(), "r");
     if (!f) break;
-    const bool ok_level = std::fscanf(f, "%ld", &level) == 1;
+    const bool ok_level = std::fscanf(f, "%" SCNd64, &level) == 1;
     std::fclose(f);
     f = std::fopen((dir + "size").c_str(), "r");
     if (!f) continue;
-    const int got = std::fscanf(f, "%ld%c", &size, &unit);
+    const int got = std::fscanf(f, "%" SCNd64 "%c", &size, &unit);
     std::fclose(f);
     if (!ok_level || got < 1 || size <= 0) continue;
     if (unit == 'K') size <<= 10;

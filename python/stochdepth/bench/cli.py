@@ -8,6 +8,7 @@ to --json after every op. What a row means: docs/design.md, "Measuring speed".
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -69,8 +70,10 @@ class Env:
             return self.compile_error is None
         raise ValueError(need)
 
+    @functools.cached_property
     def compared_isas(self):
-        """The other CPU ISAs whose "sd" rows run beside the active one's (--compare-isas)."""
+        """The other CPU ISAs whose "sd" rows run beside the active one's (--compare-isas).
+        Worked out once, after --isa has been applied (run() asks for it first)."""
         if self.args.device != "cpu" or self.args.compare_isas == "none":
             return []
         supported = self.sd.build_info()["cpu_isas_supported"]
@@ -89,14 +92,14 @@ class Env:
             if all(self.has(n) for n in C.IMPLS[k][2]):
                 rows.append(k)
                 if k == "sd":
-                    rows += [f"sd@{isa}" for isa in self.compared_isas()]
+                    rows += [f"sd@{isa}" for isa in self.compared_isas]
         return rows
 
     def label(self, impl):
         """The row's label; an anchor running the formula instead of its package says so, and
         the library's own row names its ISA when other ISAs are compared."""
         base, anchor, _ = C.impl_info(impl)
-        if impl == "sd" and self.compared_isas():
+        if impl == "sd" and self.compared_isas:
             base += f" [{self.sd.get_isa()}]"
         source = self.anchor_of(impl)
         return source.label(base) if source is not None else base
@@ -266,6 +269,7 @@ def run(args):
         sd.set_num_threads(args.threads)
     if args.isa is not None:
         sd.set_isa(args.isa)
+    env.compared_isas  # noqa: B018 - a bad --compare-isas fails here, before any work
     sd_cuda_error = _check_cuda(env) if device == "cuda" else None
     machine = machine_info(torch, sd)
     llc = machine["llc"] if device == "cpu" else machine["gpu"]["llc"]
