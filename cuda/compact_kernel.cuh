@@ -133,7 +133,7 @@ struct CompactKernel {
 #pragma unroll
           for (int j = 0; j < V; ++j) o.set(j, A::store(C(0)));
         }
-        *reinterpret_cast<P*>(out + full + col(t, u, id)) = o;
+        store_vec<T, V>(out + full + col(t, u, id), o);
       }
       return;
     }
@@ -163,7 +163,7 @@ struct CompactKernel {
           const C scaled = A::mul(s, A::load(x[u].get(j)));
           o.set(j, A::store(sc != nullptr ? A::add(A::load(t.s[u].get(j)), scaled) : scaled));
         }
-        *reinterpret_cast<P*>(out + full + col(t, u, id)) = o;
+        store_vec<T, V>(out + full + col(t, u, id), o);
       }
     } else {  // backward: out[compact] = s * input[full]
 #pragma unroll
@@ -176,7 +176,7 @@ struct CompactKernel {
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j) o.set(j, A::store(A::mul(s, A::load(x[u].get(j)))));
-        *reinterpret_cast<P*>(out + compact + col(t, u, id)) = o;
+        store_vec<T, V>(out + compact + col(t, u, id), o);
       }
     }
   }

@@ -212,7 +212,7 @@ struct DenseKernel {
           }
         }
         if (!a.in_place || km[u] == kFull) {
-          *reinterpret_cast<P*>(out + t.e[u]) = o;
+          store_vec<T, V>(out + t.e[u], o);
         } else {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -268,7 +268,7 @@ struct CopyKernel {
     for (int u = 0; u < launch::kChunksPerThread; ++u) {
       const int64_t e = tile_start + (int64_t{u} * launch::kThreads + id.thread) * kV;
       if (e >= 0 && e + kV <= a.bytes) {
-        *reinterpret_cast<P*>(a.dst + e) = buf[u];
+        store_vec<uint8_t, kV>(a.dst + e, buf[u]);
       } else {
 #pragma unroll 1
         for (int j = 0; j < kV; ++j) {

@@ -59,6 +59,23 @@ STOCHDEPTH_KERNEL_FN Packed<T, V> load_once(const T* p) {
   return r;
 }
 
+// A store of V elements as one access: on the device one 16-byte st.global.v4 (__stwb, the
+// default write-back policy), since nvcc 13 for sm_90 split the plain `*(P*)p = v` of the first
+// unrolled chunk into four 4-byte stores (tools/check_ptx.py checks every vector kernel); a plain
+// store on the host and for V == 1.
+template <typename T, int V>
+STOCHDEPTH_KERNEL_FN void store_vec(T* p, const Packed<T, V>& v) {
+#ifdef __CUDA_ARCH__
+  if constexpr (V == 1) {
+    *p = v.raw;
+  } else {
+    __stwb(reinterpret_cast<uint4*>(p), v.raw);
+  }
+#else
+  *reinterpret_cast<Packed<T, V>*>(p) = v;
+#endif
+}
+
 // A launch's (seed, offset): the kernel arguments, or (graph-safe path, DropPathParams::rng_words)
 // the two words in device memory as they are when the kernel runs. Every thread that draws reads
 // them itself (16 bytes, served from L1/L2 after the first): no barrier, no shared copy.
