@@ -5,11 +5,15 @@
 // beyond what the launch needs (the binding layer validates).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "cuda_check.h"
 #include "dispatch.cuh"
@@ -68,16 +72,45 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-// Library-allocated buffers: the stream each was allocated on (its frees are ordered there), and
-// whether a consumer took it on another stream (then the free waits for the device first).
+// Sets this thread's stream-capture mode to relaxed for the scope, so that the library's own
+// stream-ordered calls on streams that are not capturing neither join nor break a capture in
+// progress elsewhere; restores the caller's mode.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { ok_ = cudaThreadExchangeStreamCaptureMode(&mode_) == cudaSuccess; }
+  ~RelaxedCapture() {
+    if (ok_) (void)cudaThreadExchangeStreamCaptureMode(&mode_);
+  }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+  bool ok_ = false;
+};
+
 // nullptr and cudaStreamLegacy name the same stream (the library is not built per-thread).
 cudaStream_t canonical(void* stream) {
   return stream == nullptr ? cudaStreamLegacy : static_cast<cudaStream_t>(stream);
 }
 
+// True when work may be queued on `s` now without touching a capture: `s` is not capturing, and
+// (for the legacy stream, which waits for every blocking stream) no blocking stream is either.
+bool outside_capture(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+    (void)cudaGetLastError();  // cudaErrorStreamCaptureImplicit: the legacy stream, see above
+    return false;
+  }
+  return status == cudaStreamCaptureStatusNone;
+}
+
+// Library-allocated buffers: the device and stream each was allocated on, and the other streams
+// a consumer took it on (cuda_export). Its free is ordered after the work of all of them.
 struct Allocation {
+  int device;
   cudaStream_t stream;
-  bool foreign_consumer;
+  std::vector<cudaStream_t> consumers;
 };
 std::mutex& alloc_mutex() {
   static auto* m = new std::mutex();  // leaked: frees may run during interpreter teardown
@@ -86,6 +119,101 @@ std::mutex& alloc_mutex() {
 std::unordered_map<void*, Allocation>& allocations() {
   static auto* m = new std::unordered_map<void*, Allocation>();
   return *m;
+}
+// Frees that came while one of their streams was capturing a graph: queuing the free then would
+// join or break that capture, so it waits for the next allocation, free or empty_cache().
+std::vector<std::pair<void*, Allocation>>& deferred_frees() {
+  static auto* v = new std::vector<std::pair<void*, Allocation>>();
+  return *v;
+}
+
+// The library's memory pool of `device`, made once: a pool of its own, so that the release
+// threshold set here does not change the device's default pool, which other libraries share.
+// The threshold keeps freed memory in the pool across synchronisations (with the default, 0, the
+// pool unmaps everything at each sync, and a large output is mapped afresh on every call);
+// empty_cache() gives it back (cuda_trim).
+std::unordered_map<int, cudaMemPool_t>& memory_pools() {  // under alloc_mutex()
+  static auto* m = new std::unordered_map<int, cudaMemPool_t>();
+  return *m;
+}
+cudaMemPool_t memory_pool(int device) {
+  auto it = memory_pools().find(device);
+  if (it != memory_pools().end()) return it->second;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.handleTypes = cudaMemHandleTypeNone;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  cudaMemPool_t pool = nullptr;
+  STOCHDEPTH_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
+  uint64_t keep = UINT64_MAX;
+  STOCHDEPTH_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  memory_pools().emplace(device, pool);
+  return pool;
+}
+
+// Queues the free of `ptr` in stream order, with no host synchronisation: on the last consumer's
+// stream (or the allocating one when nobody took it elsewhere), after an event of each other
+// stream that used it. False, with nothing queued, while any of those streams is capturing.
+// Called with the buffer's device current and the thread's capture mode relaxed; never throws.
+bool free_in_stream_order(void* ptr, const Allocation& a) {
+  const cudaStream_t target = a.consumers.empty() ? a.stream : a.consumers.back();
+  if (!outside_capture(a.stream)) return false;
+  for (cudaStream_t c : a.consumers) {
+    if (!outside_capture(c)) return false;
+  }
+  const auto after = [&](cudaStream_t s) {
+    if (s == target) return;
+    cudaEvent_t ev;
+    if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) return;
+    if (cudaEventRecord(ev, s) == cudaSuccess) (void)cudaStreamWaitEvent(target, ev, 0);
+    (void)cudaEventDestroy(ev);  // released once the wait is satisfied
+  };
+  after(a.stream);
+  for (cudaStream_t c : a.consumers) after(c);
+  // A failure here (e.g. the runtime already unloading at interpreter exit) leaks the buffer.
+  (void)cudaFreeAsync(ptr, target);
+  (void)cudaGetLastError();
+  return true;
+}
+
+// Makes `device` current (if it is not) for the scope, without throwing.
+class QuietDevice {
+ public:
+  explicit QuietDevice(int device) {
+    switched_ = cudaGetDevice(&previous_) == cudaSuccess && previous_ != device &&
+                cudaSetDevice(device) == cudaSuccess;
+    (void)cudaGetLastError();
+  }
+  ~QuietDevice() {
+    if (switched_) (void)cudaSetDevice(previous_);
+  }
+  QuietDevice(const QuietDevice&) = delete;
+  QuietDevice& operator=(const QuietDevice&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+// Retries the deferred frees whose streams are no longer capturing. Takes alloc_mutex() itself.
+void flush_deferred_frees() {
+  std::vector<std::pair<void*, Allocation>> pending;
+  {
+    std::lock_guard<std::mutex> lock(alloc_mutex());
+    pending.swap(deferred_frees());
+  }
+  if (pending.empty()) return;
+  RelaxedCapture relaxed;
+  std::vector<std::pair<void*, Allocation>> still;
+  for (auto& [ptr, a] : pending) {
+    QuietDevice on(a.device);
+    if (!free_in_stream_order(ptr, a)) still.emplace_back(ptr, std::move(a));
+  }
+  if (still.empty()) return;
+  std::lock_guard<std::mutex> lock(alloc_mutex());
+  auto& d = deferred_frees();
+  d.insert(d.end(), std::make_move_iterator(still.begin()), std::make_move_iterator(still.end()));
 }
 
 }  // namespace
@@ -135,35 +263,46 @@ void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void
 }
 
 void* cuda_alloc(size_t bytes, int device, void* stream) {
-  // Stream-ordered (the device's default memory pool): no device-wide sync on free, as cudaFree
-  // would do on every allocating call.
+  // Stream-ordered, from the library's pool of the device: no device-wide sync on free, as
+  // cudaFree would do on every allocating call.
+  flush_deferred_frees();
   DeviceGuard guard(device);
   const auto s = static_cast<cudaStream_t>(stream);
+  cudaMemPool_t pool;
+  {
+    std::lock_guard<std::mutex> lock(alloc_mutex());
+    pool = memory_pool(device);
+  }
   void* ptr = nullptr;
-  STOCHDEPTH_CUDA_CHECK(cudaMallocAsync(&ptr, bytes == 0 ? 1 : bytes, s));
+  STOCHDEPTH_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, bytes == 0 ? 1 : bytes, pool, s));
   std::lock_guard<std::mutex> lock(alloc_mutex());
-  allocations()[ptr] = Allocation{s, false};
+  allocations()[ptr] = Allocation{device, canonical(s), {}};
   return ptr;
 }
 
 void cuda_export(void* ptr, int device, void* consumer_stream) {
+  const cudaStream_t consumer = canonical(consumer_stream);
   cudaStream_t producer = nullptr;
   {
     std::lock_guard<std::mutex> lock(alloc_mutex());
     auto it = allocations().find(ptr);
     if (it == allocations().end()) return;
-    producer = it->second.stream;
-    if (canonical(consumer_stream) == canonical(producer)) return;
-    it->second.foreign_consumer = true;
+    Allocation& a = it->second;
+    producer = a.stream;
+    if (consumer == producer) return;
+    if (std::find(a.consumers.begin(), a.consumers.end(), consumer) == a.consumers.end()) {
+      a.consumers.push_back(consumer);
+    } else if (a.consumers.back() != consumer) {  // the last consumer is the one freeing it
+      a.consumers.erase(std::find(a.consumers.begin(), a.consumers.end(), consumer));
+      a.consumers.push_back(consumer);
+    }
   }
   // The consumer's stream waits for everything queued so far on the producing stream.
   DeviceGuard guard(device);
   cudaEvent_t ev;
   STOCHDEPTH_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
   const cudaError_t rec = cudaEventRecord(ev, producer);
-  const cudaError_t wait =
-      rec == cudaSuccess ? cudaStreamWaitEvent(static_cast<cudaStream_t>(consumer_stream), ev, 0)
-                         : rec;
+  const cudaError_t wait = rec == cudaSuccess ? cudaStreamWaitEvent(consumer, ev, 0) : rec;
   (void)cudaEventDestroy(ev);  // released once the wait is satisfied
   STOCHDEPTH_CUDA_CHECK(wait);
 }
@@ -188,26 +327,42 @@ void cuda_write_words(void* dst, uint64_t seed, uint64_t offset, int device) {
 }
 
 void cuda_free(void* ptr, int device) {
-  // Called from DLPack deleters and destructors: it must not throw. A failure here (e.g. the
-  // runtime already unloading at interpreter exit) leaks the buffer and clears the error.
+  // Called from DLPack deleters and destructors: it must not throw, synchronise the device, or
+  // touch a CUDA graph capture in progress (torch frees tensors inside captures).
   if (ptr == nullptr) return;
-  Allocation alloc{nullptr, true};
+  Allocation a{device, cudaStreamLegacy, {}};
   {
     std::lock_guard<std::mutex> lock(alloc_mutex());
     auto it = allocations().find(ptr);
     if (it != allocations().end()) {
-      alloc = it->second;
+      a = std::move(it->second);
       allocations().erase(it);
     }
   }
-  int previous = 0;
-  const bool switch_device = cudaGetDevice(&previous) == cudaSuccess && previous != device &&
-                             cudaSetDevice(device) == cudaSuccess;
-  // Work another stream queued on the buffer is not ordered before a free on the allocating
-  // stream: wait for the device then, as cudaFree did; otherwise the free is stream-ordered.
-  if (alloc.foreign_consumer && cudaDeviceSynchronize() != cudaSuccess) (void)cudaGetLastError();
-  if (cudaFreeAsync(ptr, alloc.stream) != cudaSuccess) (void)cudaGetLastError();
-  if (switch_device) (void)cudaSetDevice(previous);
+  {
+    RelaxedCapture relaxed;
+    QuietDevice on(device);
+    if (!free_in_stream_order(ptr, a)) {
+      std::lock_guard<std::mutex> lock(alloc_mutex());
+      deferred_frees().emplace_back(ptr, std::move(a));
+      return;
+    }
+  }
+  flush_deferred_frees();
+}
+
+void cuda_trim() {
+  flush_deferred_frees();
+  std::vector<std::pair<int, cudaMemPool_t>> pools;
+  {
+    std::lock_guard<std::mutex> lock(alloc_mutex());
+    pools.assign(memory_pools().begin(), memory_pools().end());
+  }
+  for (const auto& [device, pool] : pools) {
+    QuietDevice on(device);
+    (void)cudaMemPoolTrimTo(pool, 0);  // memory still in use or awaiting its free stays
+    (void)cudaGetLastError();
+  }
 }
 
 }  // namespace stochdepth

@@ -440,7 +440,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_stream_threshold", &set_cpu_stream_threshold_bytes, py::arg("bytes"));
   m.def("get_stream_threshold", &cpu_stream_threshold_bytes);
   m.def("cache_bytes", &cpu_cache_bytes);
-  m.def("cache_clear", &cpu_cache_clear);
+  m.def("cache_clear", &release_cached_outputs);
   // For stochdepth._jax_ffi: its XLA handlers run this module's core (src/stochdepth/core_entry.h).
   m.attr("_core_entry") = py::capsule(const_cast<CoreEntry*>(core_entry()), kCoreEntryCapsuleName);
 }

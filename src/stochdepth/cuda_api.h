@@ -17,11 +17,16 @@ void drop_path_cuda(const DropPathParams& params, int device, void* stream);
 // Device-to-device copy with the library's own vectorised kernel (the benchmark's ceiling).
 void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void* stream);
 
-// Device memory for outputs the library allocates itself, stream-ordered on `stream`
-// (cudaMallocAsync); throws std::runtime_error on failure. cuda_free frees it on that stream, or
-// after a device sync once cuda_export handed it to another stream; it never throws.
+// Device memory for outputs the library allocates itself, stream-ordered on `stream` from the
+// library's own pool of the device (which keeps freed memory across synchronisations); throws
+// std::runtime_error on failure. cuda_free frees it in stream order: on the last stream
+// cuda_export handed it to (after an event of every other stream that used it), else on the
+// allocating stream. It never throws nor synchronises; while one of those streams is capturing a
+// CUDA graph the free waits for the next cuda_alloc, cuda_free or cuda_trim outside the capture.
 void* cuda_alloc(size_t bytes, int device, void* stream);
 void cuda_free(void* ptr, int device);
+// Gives the pools' free memory back to the device (stochdepth.empty_cache()).
+void cuda_trim();
 // DLPack export of a buffer from cuda_alloc to a consumer on `consumer_stream` (a cudaStream_t):
 // that stream waits (an event) for the work queued so far on the buffer's stream.
 void cuda_export(void* ptr, int device, void* consumer_stream);

@@ -21,6 +21,7 @@ void drop_path_cuda(const DropPathParams&, int, void*) { no_cuda(); }
 void stream_copy_cuda(void*, const void*, size_t, int, void*) { no_cuda(); }
 void* cuda_alloc(size_t, int, void*) { no_cuda(); }
 void cuda_free(void*, int) {}
+void cuda_trim() {}
 void cuda_export(void*, int, void*) { no_cuda(); }
 void cuda_write_words(void*, uint64_t, uint64_t, int) { no_cuda(); }
 

@@ -50,6 +50,11 @@ void export_output(void* ptr, Device device, void* consumer_stream) {
   if (device.kind == DeviceKind::kCUDA && ptr) cuda_export(ptr, device.id, consumer_stream);
 }
 
+void release_cached_outputs() {
+  cpu_cache_clear();
+  cuda_trim();
+}
+
 void free_output(void* ptr, size_t bytes, Device device) {
   if (device.kind == DeviceKind::kCPU) {
     cpu_free(ptr, bytes);

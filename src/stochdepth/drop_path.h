@@ -114,10 +114,13 @@ void compute_mask(uint8_t* keep, int64_t batch, uint64_t seed, uint64_t offset, 
                   bool batch_mode);
 
 // Memory for an output the library allocates itself on `device`: 64-byte aligned, recycled
-// CPU buffers (alloc.h) or stream-ordered device memory (cudaMallocAsync). free_output never
-// throws.
+// CPU buffers (alloc.h) or stream-ordered device memory from the library's pool of the device
+// (cudaMallocFromPoolAsync). free_output never throws and never synchronises.
 void* alloc_output(size_t bytes, Device device, void* stream);
 void free_output(void* ptr, size_t bytes, Device device);
+// Gives back what the output caches hold: the CPU reuse cache and the device pools' free memory
+// (stochdepth.empty_cache()).
+void release_cached_outputs();
 // A buffer from alloc_output handed (DLPack) to a consumer that uses it on `consumer_stream`:
 // on CUDA that stream waits for the work queued on the buffer so far; nothing on the CPU.
 void export_output(void* ptr, Device device, void* consumer_stream);
