@@ -221,10 +221,12 @@ def run_case(fields, role):
 
     good = np.ones((4, 3), np.float32)
     p = Raw(**fields)
+    # stream=0 (the legacy default stream): a CUDA producer without a stream would be refused
+    # before any of its fields is read, and these cases are about the fields.
     if role == "residual":
-        stochdepth.forward(None, p, 0.5, seed=1)
+        stochdepth.forward(None, p, 0.5, seed=1, stream=0)
     else:
-        stochdepth.forward(good, good, 0.5, seed=1, out=p)
+        stochdepth.forward(good, good, 0.5, seed=1, out=p, stream=0)
     return p
 
 

@@ -279,7 +279,8 @@ def test_shortcut_and_residual_may_alias():
 
 
 def fake_cuda(host, device_id=0):
-    """A capsule that claims `host`'s memory is on CUDA device `device_id`."""
+    """A capsule that claims `host`'s memory is on CUDA device `device_id` (the calls pass
+    stream=0: without a stream a CUDA array is refused before anything else is checked)."""
     return CtypesDLPack(host, kDLCUDA, device_id)
 
 
@@ -288,13 +289,13 @@ def test_cuda_array_without_cuda():
     host = np.ones((4, 5), F32)
     fake = fake_cuda(host)
     with pytest.raises(ValueError, match="residual"):
-        fwd(None, fake)
+        fwd(None, fake, stream=0)
     with pytest.raises(ValueError, match="CUDA"):
-        fwd(None, fake)
+        fwd(None, fake, stream=0)
     with pytest.raises(ValueError, match="grad_out"):
-        bwd(fake)
+        bwd(fake, stream=0)
     with pytest.raises(ValueError, match="shortcut|residual"):
-        fwd(fake, fake_cuda(host.copy()))
+        fwd(fake, fake_cuda(host.copy()), stream=0)
     assert (host == 1).all()
 
 
@@ -302,20 +303,20 @@ def test_cuda_array_without_cuda():
 def test_device_mismatch():
     sc, res = arrays((4, 5))
     with pytest.raises(ValueError, match="shortcut|residual"):
-        fwd(sc, fake_cuda(res))
+        fwd(sc, fake_cuda(res), stream=0)
     with pytest.raises(ValueError, match="shortcut|residual"):
-        fwd(fake_cuda(sc), res)
+        fwd(fake_cuda(sc), res, stream=0)
     with pytest.raises(ValueError, match="out"):
-        fwd(sc, res, out=fake_cuda(np.empty_like(sc)))
+        fwd(sc, res, out=fake_cuda(np.empty_like(sc)), stream=0)
     with pytest.raises(ValueError, match="out"):
-        bwd(res, out=fake_cuda(np.empty_like(sc)))
+        bwd(res, out=fake_cuda(np.empty_like(sc)), stream=0)
 
 
 @pytest.mark.skipif(HAS_CUDA_DEVICE, reason="the fake CUDA capsule would be dereferenced on a GPU")
 def test_cuda_ordinal_out_of_range():
     host = np.ones((4, 5), F32)
     with pytest.raises(ValueError, match="residual"):
-        fwd(None, fake_cuda(host, device_id=7))
+        fwd(None, fake_cuda(host, device_id=7), stream=0)
 
 
 @pytest.mark.parametrize("device_type", [4, 7, 14], ids=["opencl", "vulkan", "oneapi"])

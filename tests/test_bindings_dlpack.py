@@ -187,8 +187,9 @@ def _error_cases():
                       None),
     }
     if not HAS_CUDA_DEVICE:  # on a GPU the fake CUDA capsule would really be read
-        cases["cuda-without-gpu"] = (lambda: CtypesDLPack(ok.copy(), device_type=kDLCUDA), {},
-                                     ValueError, None)
+        # stream= given: without one a CUDA array is refused before it is asked to export.
+        cases["cuda-without-gpu"] = (lambda: CtypesDLPack(ok.copy(), device_type=kDLCUDA),
+                                     {"stream": 0}, ValueError, None)
     return [pytest.param(*v[:3], id=k, marks=[v[3]] if v[3] else []) for k, v in cases.items()]
 
 

@@ -12,6 +12,8 @@ Adapters live in subpackages that import their framework only when imported them
 
 from __future__ import annotations
 
+import sys as _sys
+
 import ml_dtypes as _ml_dtypes
 import numpy as _np
 
@@ -40,6 +42,40 @@ __all__ = [
 _core.register_bfloat16(_np.dtype(_ml_dtypes.bfloat16))
 
 
+def _torch_stream(x):
+    torch = _sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda:
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return None
+
+
+def _cupy_stream(x):
+    cupy = _sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        with x.device:
+            return cupy.cuda.get_current_stream().ptr
+    return None
+
+
+# How a framework names the stream its work is queued on now, for the arrays it made.
+_FRAMEWORK_STREAMS = (_torch_stream, _cupy_stream)
+
+
+def _current_stream(*arrays):
+    """stream= for a call that names none: the current CUDA stream of the framework (torch, CuPy)
+    that made the first of `arrays` on a CUDA device, else None. With None the binding refuses a
+    CUDA array and says what to pass: the legacy default stream, taken silently, would break a
+    CUDA graph capture in progress on another stream (docs/design.md, "CUDA")."""
+    for x in arrays:
+        if x is None or isinstance(x, (_np.ndarray, int)):
+            continue
+        for stream_of in _FRAMEWORK_STREAMS:
+            s = stream_of(x)
+            if s is not None:
+                return s
+    return None
+
+
 def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offset=0, mode="row",
             axis=0, scaling="inference", out=None, stream=None):
     """Stochastic depth forward: ``shortcut + keep * s * residual``.
@@ -62,13 +98,17 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offs
             torchvision: s = 1/p, c = 1).
         out: optional output buffer; may be `shortcut` itself (in place: dropped samples are
             not touched).
-        stream: CUDA stream handle (int) for CUDA inputs; default the legacy default stream.
+        stream: the CUDA stream (an integer cudaStream_t; 0 is the legacy default stream) for
+            CUDA inputs. Left out, a torch tensor's or CuPy array's current stream is used;
+            other CUDA inputs (JAX, a `stochdepth.Array`) must name one (a ValueError says so).
 
     A dropped sample gives the shortcut bit for bit and its residual is never read, so NaN or
     Inf there does not reach the output. Returns a NumPy array for NumPy inputs, a
     `stochdepth.Array` (DLPack producer) for other DLPack inputs, or `out` when given.
     Arrays must be C-contiguous.
     """
+    if stream is None:
+        stream = _current_stream(residual, shortcut, out, seed)
     return _core.forward(shortcut, residual, survival_prob, training, seed, offset, mode, axis,
                          scaling, out, stream)
 
@@ -80,7 +120,10 @@ def backward(grad_out, survival_prob, *, training=True, seed=None, offset=0, mod
     grad_shortcut is `grad_out` itself (the same object, no copy). grad_residual is
     ``s * grad_out`` for kept samples and exact zeros for dropped ones (grad_out is not read
     there); at inference it is ``c * grad_out``. The mask is recomputed from (seed, offset).
+    `stream` as for `forward`.
     """
+    if stream is None:
+        stream = _current_stream(grad_out, out, seed)
     return _core.backward(grad_out, survival_prob, training, seed, offset, mode, axis, scaling,
                           out, stream)
 
@@ -123,5 +166,6 @@ def get_isa():
 
 
 def empty_cache():
-    """Release the CPU output buffers that stochdepth keeps for reuse (see README, "Memory")."""
+    """Release the output memory stochdepth keeps for reuse: the CPU buffers (see README,
+    "Memory") and the free part of its CUDA memory pools (docs/design.md, "CUDA")."""
     _core.cache_clear()

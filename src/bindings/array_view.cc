@@ -228,10 +228,20 @@ std::pair<int32_t, int32_t> dlpack_device(py::handle obj, const char* name) {
 }
 
 // DLPack's `stream` for a CUDA producer (the stream we launch on): 1, CUDA's legacy default
-// stream, when the caller named none or 0. 0 is how torch.cuda reports the legacy default
-// stream, and DLPack reserves it: torch rejects __dlpack__(stream=0).
-int64_t dlpack_consumer_stream(std::optional<int64_t> stream) {
-  return stream.value_or(0) == 0 ? 1 : *stream;
+// stream, for 0. 0 is how torch.cuda reports the legacy default stream, and DLPack reserves it:
+// torch rejects __dlpack__(stream=0).
+int64_t dlpack_consumer_stream(int64_t stream) { return stream == 0 ? 1 : stream; }
+
+// A CUDA array needs the stream the call runs on, before anything is queued: the legacy default
+// stream, taken silently, would break a CUDA graph capture in progress on another stream (it
+// waits for every blocking stream). stochdepth.forward/backward pass the current stream of torch
+// and CuPy arrays themselves (docs/design.md, "CUDA").
+void require_stream(std::optional<int64_t> stream, const char* name, py::handle obj) {
+  if (stream) return;
+  value_error(std::string(name) + " is a CUDA array (" + type_name(obj) +
+              ") and no stream= was given: pass stream=, the integer cudaStream_t the call "
+              "runs on (for example torch.cuda.current_stream().cuda_stream, "
+              "cupy.cuda.get_current_stream().ptr, or 0 for the legacy default stream)");
 }
 
 // The producer's device is current while it exports: torch exports only tensors on the current
@@ -253,7 +263,10 @@ ArrayView view_dlpack(py::handle obj, const char* name, std::optional<int64_t> s
   const auto [dev_type, dev_id] = dlpack_device(obj, name);
   const bool cuda = dev_type == kDLCUDA || dev_type == kDLCUDAManaged;
   py::object stream_arg = py::none();
-  if (cuda) stream_arg = py::int_(dlpack_consumer_stream(stream));
+  if (cuda) {
+    require_stream(stream, name, obj);
+    stream_arg = py::int_(dlpack_consumer_stream(*stream));
+  }
   std::optional<ProducerDevice> on_device;
   if (cuda) on_device.emplace(dev_id);
   py::object cap;
@@ -484,6 +497,7 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
     return view_numpy(py::reinterpret_borrow<py::array>(obj), name);
   if (py::isinstance<Array>(obj)) {
     const Array& a = obj.cast<const Array&>();
+    if (a.buffer->device.kind == DeviceKind::kCUDA) require_stream(stream, name, obj);
     ArrayView v;
     v.data = a.buffer->ptr;
     v.shape = a.shape;
