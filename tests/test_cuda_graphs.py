@@ -158,6 +158,7 @@ def test_capture_refuses_a_cpu_generator_and_stochastic_residual():
             block(x)
 
 
+@pytest.mark.timeout(300)  # torch.compile: tens of seconds cold
 @pytest.mark.parametrize("seeded", [False, True])
 def test_compile_reduce_overhead_draws_a_new_mask_per_call(seeded):
     torch._dynamo.reset()
@@ -180,3 +181,74 @@ def test_compile_reduce_overhead_draws_a_new_mask_per_call(seeded):
             assert drop.offset == offset + 1
         masks.append(got)
     assert all(not np.array_equal(a, b) for a, b in zip(masks, masks[1:]))
+
+
+def test_two_seeded_modules_keep_their_words_across_a_temporary_freed_in_the_capture():
+    # The words are reserved by .cuda(), outside the capture: a temporary allocated and freed
+    # between the two modules inside the capture cannot take their memory and overwrite them.
+    first = sdt.DropPath(1 - P, seed=11).cuda()
+    second = sdt.DropPath(1 - P, seed=12).cuda()
+    x = torch.ones(BATCH, 64, device="cuda")
+
+    def step():
+        y = first(x)
+        tmp = torch.full((4096,), -1, dtype=torch.int64, device="cuda")
+        y = y + tmp[:1].float() * 0  # used, then freed inside the capture
+        del tmp
+        return y, second(x)
+
+    graph, (y, z) = capture(step)
+    o1, o2 = first.offset, second.offset
+    for k in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(mask_of(y), stochdepth.mask(BATCH, P, seed=11, offset=o1 + k))
+        np.testing.assert_array_equal(mask_of(z), stochdepth.mask(BATCH, P, seed=12, offset=o2 + k))
+    assert (first.offset, second.offset) == (o1 + 3, o2 + 3)
+
+
+def test_a_seeded_module_never_run_on_the_device_is_refused_in_a_capture():
+    drop = sdt.DropPath(1 - P, seed=3)  # on the CPU: nothing reserved on the GPU
+    x = torch.ones(BATCH, 4, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be allocated inside a CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            drop(x)
+
+
+def test_raw_api_without_stream_runs_on_torchs_current_stream_under_capture():
+    # Without stream= the raw API takes torch's current stream (the capture's): the legacy
+    # default stream would have broken the capture.
+    x = torch.ones(BATCH, 8, device="cuda")
+    out = torch.empty_like(x)
+    words = torch.tensor([21, 0], dtype=torch.int64, device="cuda")
+    graph, _ = capture(lambda: stochdepth.forward(None, x, P, seed=words, out=out))
+    for k in range(2):
+        words[1].fill_(k + 3)
+        graph.replay()
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(mask_of(out), stochdepth.mask(BATCH, P, seed=21,
+                                                                    offset=k + 3))
+
+
+def test_freeing_an_exported_output_inside_a_capture_leaves_the_capture_valid():
+    # A library-allocated output consumed on another stream, freed while a graph is captured:
+    # no device synchronisation (which would invalidate the capture), the free is deferred.
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    x = torch.ones(BATCH, 8, device="cuda")
+    with torch.cuda.stream(producer):
+        arr = stochdepth.forward(x, x, P, seed=1, stream=producer.cuda_stream)
+    with torch.cuda.stream(consumer):
+        t = torch.from_dlpack(arr)
+        t.sum()
+    del arr
+    y = torch.zeros(BATCH, 8, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        del t  # the last reference: the DLPack deleter runs inside the capture
+        y.add_(1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.ones_like(y))
+    stochdepth.empty_cache()  # the deferred free goes through, the pool is trimmed
+    torch.cuda.synchronize()

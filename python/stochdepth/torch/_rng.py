@@ -84,6 +84,11 @@ def as_key(rng: RngArg) -> RngArg:
     return Rng.of(rng)
 
 
+def on_cuda(t: Optional[Tensor]) -> bool:
+    """True when `t` is a CUDA tensor."""
+    return t is not None and t.is_cuda
+
+
 def capturing(t: Optional[Tensor]) -> bool:
     """True when `t` is a CUDA tensor and the current CUDA stream is capturing a graph."""
     return t is not None and t.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -198,7 +203,7 @@ class SeededMixin:
             # queued so far on the current stream.
             words.copy_(self._rng_state.to(words.device))
         elif seed is None:
-            self._rng_device = None
+            self._rng_device = self._rng_spare = None
 
     def _pull_state(self) -> Tensor:
         """The host state, brought up to date from the device words when they exist (a sync)."""
@@ -224,18 +229,57 @@ class SeededMixin:
             words[1:].add_(1)
         return rng
 
+    # False for a module that reads its mask on the host anyway (StochasticResidual): it never
+    # has device words.
+    _uses_device_words = True
+
+    def _reserve_device_words(self, device) -> None:
+        """Allocates the memory of the module's words on `device` now, outside any capture;
+        they are written (and become the state) only once a capture needs them. Memory
+        allocated inside a CUDA graph capture would come from the graph's private pool, which
+        may give it to a temporary freed earlier in the same capture: that temporary's writes
+        would then overwrite the words on every replay."""
+        spare = getattr(self, "_rng_spare", None)
+        live = getattr(self, "_rng_device", None)
+        if self._rng_state is None or not self._uses_device_words:
+            return
+        if (spare is None or spare.device != device) and (live is None or live.device != device):
+            self._rng_spare = torch.empty(2, dtype=torch.int64, device=device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda(): a seeded module moved to a CUDA device reserves its words there.
+        module = super()._apply(fn, *args, **kwargs)
+        if self._rng_state is not None and self._uses_device_words:
+            try:
+                probe = fn(torch.empty(0))
+            except Exception:  # a conversion for parameters only, or no CUDA here: nothing to do
+                probe = None
+            if isinstance(probe, Tensor) and on_cuda(probe) and not capturing(probe):
+                self._reserve_device_words(probe.device)
+        return module
+
     def _device_rng(self, like: Tensor) -> Tensor:
         """This call's pair as CUDA words (a copy), the module's device words advanced by one
-        offset: both captured, so every replay of a graph uses the next offset. The device words
-        are made once, from the host state, outside the capture (`_core.write_device_words`);
-        from then on they are the module's state."""
+        offset: both captured, so every replay of a graph uses the next offset. The words are
+        written once, from the host state, into memory reserved outside any capture
+        (`_core.write_device_words`, itself outside the capture); from then on they are the
+        module's state. A capture on a device with no reserved memory is refused."""
         words = getattr(self, "_rng_device", None)
         if words is None or words.device != like.device:
+            spare = getattr(self, "_rng_spare", None)
+            if spare is None or spare.device != like.device:
+                if capturing(like):
+                    raise RuntimeError(
+                        f"{type(self).__name__}(seed={self.seed}) has no mask words on "
+                        f"{like.device}, and they cannot be allocated inside a CUDA graph capture "
+                        "(the graph's memory pool could reuse them): move the module there with "
+                        ".to(device) or run it once eagerly on that device before capturing "
+                        "(docs/design.md, \"CUDA\")")
+                spare = torch.empty(2, dtype=torch.int64, device=like.device)
             host = Rng.of(self._pull_state())
-            words = torch.empty(2, dtype=torch.int64, device=like.device)
-            _core.write_device_words(words.data_ptr(), host.seed, host.offset,
-                                     words.device.index)
-            self._rng_device = words
+            _core.write_device_words(spare.data_ptr(), host.seed, host.offset, spare.device.index)
+            self._rng_device, self._rng_spare = spare, None
+            words = spare
         rng = words.clone()
         words[1:].add_(1)
         return rng
@@ -251,6 +295,8 @@ class SeededMixin:
             words = getattr(self, "_rng_device", None)
             if words is not None and like is not None and like.device == words.device:
                 return self._device_rng(like)  # no sync: the words stay the state
+            if on_cuda(like):
+                self._reserve_device_words(like.device)  # for a later capture, if .to() did not
             return self._host_rng()
         if state is None:
             return for_call(None, 0, None, like)

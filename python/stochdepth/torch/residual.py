@@ -112,6 +112,8 @@ class StochasticResidual(SeededMixin, nn.Module):
         sync_across_ranks: as `StochasticDepth`.
     """
 
+    _uses_device_words = False  # the kept count is read on the host: no device words
+
     def __init__(self, branch: nn.Module, survival_prob: float, *, mode: str = "row",
                  scaling: str = "inference", seed: Optional[int] = None,
                  sync_across_ranks: bool = False):
