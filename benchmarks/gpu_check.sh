@@ -1,26 +1,51 @@
 #!/usr/bin/env bash
-# The GPU check, one command for a lent GPU machine (bare: nvcc, CMake, Python and PyTorch;
-# nothing downloadable). From the repository root, with the wheels folder .whl/ carried along:
+# The GPU check: one command for a machine with a GPU, nvcc, CMake, Python and PyTorch, that
+# needs no network. It builds and tests with the packages the machine has (the torch, jax and
+# pytest there, whatever their versions); a folder .whl/ of wheels, if present, supplies build
+# or test packages it lacks. From the repository root:
 #
-#     bash benchmarks/gpu_check.sh             # device tool: carry [".whl"], timeout_s ~540
+#     bash benchmarks/gpu_check.sh             # on the GPU machine (about 8 minutes)
 #     bash benchmarks/gpu_check.sh --dry-run   # no GPU: every step with CPU stand-ins (CI)
+#     bash benchmarks/gpu_check.sh --pytest-args   # print the pytest options it uses, and exit
 #
 # Steps, under ONE deadline (SD_BUDGET seconds, default 470, the table included): a step gets
 # min(its cap, what is left); one that runs out is reported TIMED OUT and the next steps still
-# run; one that cannot start in time is NOT RUN.
+# run; one that cannot start in time is NOT RUN. The measurements come first, so that their
+# numbers exist even when the tests run out of time.
 #   wheels    install from .whl/ only the build/test packages the machine lacks or has too old
 #   build     stochdepth from source with CUDA for this GPU's architecture, -lineinfo
-#   pytest    -m "not slow", a per-test timeout, JUnit XML in $OUT/pytest.xml; beside it:
-#   sanitize  compute-sanitizer memcheck and racecheck on the library's kernels only (run_kernel)
-#   bench     python -m stochdepth.bench --device cuda (JSON rewritten after every op)
 #   compact   benchmarks/gpu_compact.py: the StochasticResidual kernels vs the library's copy
-# The last thing printed is the table: each target, the measured value, PASS / FAIL / NOT RUN.
-# Everything goes to $OUT/gpu_check.log too. Exit status 0 only if every step passed.
+#   bench     python -m stochdepth.bench --device cuda (JSON rewritten after every op)
+#   pytest    -m "not slow", a per-test timeout, JUnit XML in $OUT/pytest.xml; beside it:
+#   sanitize  compute-sanitizer memcheck and racecheck on the library's kernels only (run_kernel);
+#             NOT RUN where the machine has no compute-sanitizer or refuses it
+# The last thing printed is the table: each target, the measured value, PASS / FAIL / NOT RUN;
+# it is also written to $OUT/gpu_table.txt. Everything goes to $OUT/gpu_check.log too. Exit
+# status 0 only if every step that ran passed.
 # Knobs: SD_BUDGET, SD_CUDA_ARCH (default: this GPU's), SD_JOBS, SD_PYTEST_ARGS, SD_MEMCHECK_K,
 # SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names), SD_DRY_RUN=1 (same as --dry-run),
 # SD_DRY_STEP_SECONDS (dry runs only: seconds each step spends first; for the deadline's test).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+
+PY="${PYTHON:-python3}"
+
+# The pytest options of the pytest and sanitize steps. pytest-timeout, where installed, is
+# already loaded by its entry point: naming it again with -p makes pluggy abort ("Plugin already
+# registered under a different name"), so only --timeout is passed. The long tests carry their
+# own limits (@pytest.mark.timeout: the JAX suite, DDP, torch.compile). Deprecation warnings
+# are not errors here: the machine's jax or torch may be newer than the pins CI tests with.
+PYTEST_OPTS=(-p no:cacheprovider -m "not slow" -W ignore::DeprecationWarning
+  -W ignore::PendingDeprecationWarning)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  PYTEST_OPTS+=(--timeout=60)
+else
+  PYTEST_OPTS+=(-o faulthandler_timeout=60)
+fi
+if [[ "${1:-}" == "--pytest-args" ]]; then
+  printf '%s\n' "${PYTEST_OPTS[@]}"
+  exit 0
+fi
 
 DRY="${SD_DRY_RUN:-0}"
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
@@ -29,8 +54,8 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 
-PY="${PYTHON:-python3}"
 JOBS="${SD_JOBS:-16}"
 BUDGET="${SD_BUDGET:-470}"
 RESERVE=8 # seconds kept for the table
@@ -43,6 +68,8 @@ export STOCHDEPTH_IN_GPU_CHECK=1 # tests/test_gpu_check.py: no dry run inside th
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/sd-hypothesis
 export XLA_PYTHON_CLIENT_PREALLOCATE=false # a JAX GPU test shares the GPU with torch's tests
+# The JAX suite runs in a pytest of its own (tests/test_jax.py): the same warning options.
+export PYTEST_ADDOPTS="-W ignore::DeprecationWarning -W ignore::PendingDeprecationWarning"
 if [[ "$DRY" != 1 ]]; then
   export STOCHDEPTH_EXPECT_CUDA=1
   export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -73,7 +100,8 @@ step() {
   # of the shared deadline does not depend on how fast this machine runs the stand-ins.
   if [[ "$DRY" == 1 && -n "${SD_DRY_STEP_SECONDS:-}" ]]; then sleep "$SD_DRY_STEP_SECONDS"; fi
   if declare -F "$1" >/dev/null; then # a function of this script: timeout needs a program
-    timeout --kill-after=10 "$cap" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@"
+    timeout --kill-after=10 "$cap" bash -c "$(declare -p PYTEST_OPTS); $(declare -f "$1"); \"\$@\"" \
+      _ "$@"
   else
     timeout --kill-after=10 "$cap" "$@"
   fi
@@ -166,79 +194,7 @@ assert info['cuda_device_count'] > 0, 'no GPU seen'")
 BUILD_OK=1
 step build 240 build || BUILD_OK=0
 
-# ---- 3. pytest, with the sanitizers beside it (functional runs; nothing timed)
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
-  /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
-export SAN
-export MEMCHECK_K="${SD_MEMCHECK_K:-bf16 or mask or raw or stream or empty or outlives or compact}"
-export RACECHECK_K="${SD_RACECHECK_K:-(bf16 and (reference or misaligned)) or compact}"
-TIMEOUT_ARGS=(-o faulthandler_timeout=60)
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(-p pytest_timeout --timeout=60)
-export TIMEOUT_ARGS_STR="${TIMEOUT_ARGS[*]}"
-sanitize() {
-  local rc=0 filter=(--kernel-name kns=run_kernel) # the library's kernels only, not torch's
-  if [[ "$DRY" != 1 ]]; then
-    [[ -n "$SAN" ]] || { echo "compute-sanitizer not found"; return 1; }
-    "$SAN" --help 2>&1 | grep -q -- --kernel-name || filter=(--filter kns=run_kernel)
-    # Some sandboxes (gVisor) refuse the sanitizer ("Device not supported"): say so, in seconds.
-    if "$SAN" --tool memcheck "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" \
-      2>&1 | grep -i "not supported"; then
-      echo "compute-sanitizer cannot run on this machine"
-      return 3
-    fi
-  fi
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1 # every tensor its own allocation: memcheck sees its end
-  local tests=tests/test_drop_path_cuda.py
-  # Dry run: the same pytest lines without the sanitizer, plus the emulated kernels' tests, so
-  # that the -k expressions select something where the GPU tests skip.
-  [[ "$DRY" == 1 ]] && tests+=" tests/test_cuda_emulated.py"
-  for tool in memcheck racecheck; do
-    local k="$MEMCHECK_K" cmd=(env)
-    [[ $tool == racecheck ]] && k="$RACECHECK_K"
-    if [[ "$DRY" != 1 ]]; then
-      cmd=("$SAN" --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}")
-      [[ $tool == racecheck ]] && cmd+=(--racecheck-report analysis)
-    fi
-    echo "== $tool (${cmd[*]}): -k '$k'"
-    # shellcheck disable=SC2086
-    "${cmd[@]}" "$PY" -m pytest -q -p no:cacheprovider $tests \
-      -m "not slow" -k "$k" $TIMEOUT_ARGS_STR || rc=1
-  done
-  return $rc
-}
-run_pytest() {
-  local tests=(tests)
-  # tests/test_jax.py runs the JAX suite (tests/jax) in its own process: where this machine's
-  # jax sees the GPU, its GPU tests (the CUDA FFI targets) must run, not skip; without jax (the
-  # bare image) test_jax.py is a skip, and with a CPU-only jax the GPU tests skip.
-  if [[ "$DRY" != 1 ]] && "$PY" -c "import jax, sys; sys.exit(0 if jax.devices('gpu') else 1)" \
-    >/dev/null 2>&1; then
-    export STOCHDEPTH_REQUIRE_JAX_GPU=1
-    echo "jax sees the GPU: tests/jax/test_jax_gpu.py must run"
-  else
-    echo "no JAX GPU backend: tests/test_jax.py runs the CPU suite, or skips without jax"
-  fi
-  # Many processes on the one GPU: the suite is mostly CPU-bound tests.
-  [[ "$DRY" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && tests=(-n 8 tests)
-  [[ "$DRY" == 1 ]] && tests=(tests/test_cuda_emulated.py tests/test_cuda_stream_args.py
-    tests/test_build_info.py)
-  # shellcheck disable=SC2086
-  "$PY" -m pytest -p no:cacheprovider -q -rfEs --durations=8 -m "not slow" \
-    --junitxml="$OUT/pytest.xml" $TIMEOUT_ARGS_STR "${tests[@]}" ${SD_PYTEST_ARGS:-}
-}
-if [[ "$BUILD_OK" == 1 ]]; then
-  (step sanitize 200 sanitize >"$OUT/sanitizer.log" 2>&1) &
-  SAN_PID=$!
-  step pytest 200 run_pytest
-  wait "$SAN_PID" || FAILED=1
-  echo
-  echo "==== [sanitize] output (run beside pytest)"
-  cat "$OUT/sanitizer.log"
-else
-  printf '%s\tNOT RUN\tno build\n' pytest sanitize >>"$STEPS"
-fi
-
-# ---- 4. the benchmarks, alone on the GPU; JSON rewritten as they go
+# ---- 3. the benchmarks first, alone on the GPU; JSON rewritten as they go
 bench() {
   if [[ "$DRY" == 1 ]]; then
     "$PY" benchmarks/bench_fake_cuda.py --device cuda --quick --no-compile --no-keras --no-progress \
@@ -265,6 +221,81 @@ else
   printf '%s\tNOT RUN\tno build\n' compact bench >>"$STEPS"
 fi
 
-# ---- 5. the table, last
-"$PY" benchmarks/gpu_table.py "$OUT" "$DRY" || FAILED=1
+# ---- 4. pytest, with the sanitizers beside it (functional runs; nothing timed)
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+  /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
+export SAN
+export MEMCHECK_K="${SD_MEMCHECK_K:-bf16 or mask or raw or stream or empty or outlives or compact}"
+export RACECHECK_K="${SD_RACECHECK_K:-(bf16 and (reference or misaligned)) or compact}"
+sanitize() {
+  local rc=0 filter=(--kernel-name kns=run_kernel) # the library's kernels only, not torch's
+  if [[ "$DRY" != 1 ]]; then
+    [[ -n "$SAN" ]] || { echo "compute-sanitizer not found: not run"; return 3; }
+    "$SAN" --help 2>&1 | grep -q -- --kernel-name || filter=(--filter kns=run_kernel)
+    # Some sandboxes (gVisor) refuse the sanitizer ("Device not supported"): say so, in seconds.
+    if "$SAN" --tool memcheck "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" \
+      2>&1 | grep -i "not supported"; then
+      echo "compute-sanitizer cannot run on this machine"
+      return 3
+    fi
+  fi
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1 # every tensor its own allocation: memcheck sees its end
+  local tests=tests/test_drop_path_cuda.py
+  # Dry run: the same pytest lines without the sanitizer, plus the emulated kernels' tests, so
+  # that the -k expressions select something where the GPU tests skip.
+  [[ "$DRY" == 1 ]] && tests+=" tests/test_cuda_emulated.py"
+  for tool in memcheck racecheck; do
+    local k="$MEMCHECK_K" cmd=(env)
+    [[ $tool == racecheck ]] && k="$RACECHECK_K"
+    if [[ "$DRY" != 1 ]]; then
+      cmd=("$SAN" --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}")
+      [[ $tool == racecheck ]] && cmd+=(--racecheck-report analysis)
+    fi
+    echo "== $tool (${cmd[*]}): -k '$k'"
+    # shellcheck disable=SC2086
+    "${cmd[@]}" "$PY" -m pytest -q "${PYTEST_OPTS[@]}" $tests -k "$k" || rc=1
+  done
+  return $rc
+}
+run_pytest() {
+  local tests=(tests)
+  # tests/test_jax.py runs the JAX suite (tests/jax) in its own process: where this machine's
+  # jax sees the GPU, its GPU tests (the CUDA FFI targets) must run, not skip; without jax (the
+  # bare image) test_jax.py is a skip, and with a CPU-only jax the GPU tests skip.
+  if [[ "$DRY" != 1 ]] && "$PY" -c "import jax, sys; sys.exit(0 if jax.devices('gpu') else 1)" \
+    >/dev/null 2>&1; then
+    export STOCHDEPTH_REQUIRE_JAX_GPU=1
+    echo "jax sees the GPU: tests/jax/test_jax_gpu.py must run"
+  else
+    echo "no JAX GPU backend: tests/test_jax.py runs the CPU suite, or skips without jax"
+  fi
+  # Many processes on the one GPU: the suite is mostly CPU-bound tests.
+  [[ "$DRY" != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && tests=(-n 8 tests)
+  [[ "$DRY" == 1 ]] && tests=(tests/test_cuda_emulated.py tests/test_cuda_stream_args.py
+    tests/test_build_info.py)
+  # shellcheck disable=SC2086
+  "$PY" -m pytest -q -rfEs --durations=8 "${PYTEST_OPTS[@]}" --junitxml="$OUT/pytest.xml" \
+    "${tests[@]}" ${SD_PYTEST_ARGS:-}
+}
+if [[ "$BUILD_OK" == 1 ]]; then
+  (step sanitize 200 sanitize >"$OUT/sanitizer.log" 2>&1) &
+  SAN_PID=$!
+  step pytest 200 run_pytest
+  wait "$SAN_PID"
+  SAN_RC=$? # 3: no sanitizer on this machine, NOT RUN in the table, not a failure
+  [[ $SAN_RC -ne 0 && $SAN_RC -ne 3 ]] && FAILED=1
+  echo
+  echo "==== [sanitize] output (run beside pytest)"
+  cat "$OUT/sanitizer.log"
+else
+  printf '%s\tNOT RUN\tno build\n' pytest sanitize >>"$STEPS"
+fi
+
+
+# ---- 5. the table, last: on stdout and in $OUT/gpu_table.txt
+"$PY" benchmarks/gpu_table.py "$OUT" "$DRY" | tee "$OUT/gpu_table.txt"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || FAILED=1
+# Let the log's tee write everything before the script ends.
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
 exit "$FAILED"

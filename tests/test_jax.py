@@ -24,6 +24,7 @@ TIMEOUT_S = 900
 GPU_SKIP = "no JAX GPU backend"  # the start of tests/jax/test_jax_gpu.py's GPU_SKIP
 
 
+@pytest.mark.timeout(TIMEOUT_S + 60)  # the suite in a process of its own
 def test_jax_suite(tmp_path):
     if importlib.util.find_spec("jax") is None:
         if os.environ.get("STOCHDEPTH_REQUIRE_JAX") == "1":

@@ -124,6 +124,7 @@ def test_branch_that_changes_the_shape_is_rejected():
 
 
 # dynamo inspects tensors it did not create and triggers this warning inside torch
+@pytest.mark.timeout(300)  # torch.compile: tens of seconds cold
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_torch_compile_matches_eager_with_at_most_one_break_per_block():
     torch.manual_seed(0)

@@ -260,6 +260,7 @@ def test_backward_saves_no_tensor():
 
 
 # inductor's own import of TorchScript helpers warns; pyproject turns warnings into errors.
+@pytest.mark.timeout(300)  # torch.compile: tens of seconds cold
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_fullgraph_matches_eager():
     class Block(torch.nn.Module):
@@ -368,6 +369,7 @@ def test_cuda_matches_cpu_on_current_stream(dtype):
     assert_same(resd.grad.cpu(), sdt.drop_path(torch.ones_like(res), 0.4, True, seed=77))
 
 
+@pytest.mark.timeout(300)  # torch.compile: tens of seconds cold
 @cuda
 @pytest.mark.cuda
 def test_cuda_compile_and_opcheck():

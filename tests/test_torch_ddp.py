@@ -109,6 +109,7 @@ def test_transient_errors_are_recognised():
     assert not any(t in "AssertionError: masks differ" for t in TRANSIENT)
 
 
+@pytest.mark.timeout(300)  # two processes, a process group
 def test_two_ranks_independent_by_default_identical_when_synced(tmp_path):
     import stochdepth.torch as sdt
 

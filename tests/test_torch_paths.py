@@ -24,7 +24,8 @@ from torch_util import assert_same, randn, saved_tensors, to_numpy  # noqa: E402
 import stochdepth  # noqa: E402
 from stochdepth import reference as ref  # noqa: E402
 
-pytestmark = pytest.mark.torch
+# torch.compile and AOT autograd graphs: tens of seconds cold, above the GPU check's 60 s default
+pytestmark = [pytest.mark.torch, pytest.mark.timeout(300)]
 
 PACKAGE = pathlib.Path(sdt.__file__).parent
 
