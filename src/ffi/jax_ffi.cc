@@ -165,17 +165,17 @@ ffi::Error op_cpu(const ffi::AnyBuffer* shortcut, const ffi::AnyBuffer& input,
 }
 
 // out = shortcut + keep * s * residual (docs/design.md, "Semantics").
-ffi::Error forward_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::AnyBuffer key,
-                       ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
-                       int64_t batch_mode, int64_t scaling) {
+ffi::Error residual_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::AnyBuffer key,
+                        ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                        int64_t batch_mode, int64_t scaling) {
   return op_cpu(&shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
 }
 
 // out = keep * s * input: the backward pass (input = grad_out, out = grad_residual) and the
 // single-input forward pass are the same op.
-ffi::Error backward_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
-                        double p, int64_t axis, int64_t training, int64_t batch_mode,
-                        int64_t scaling) {
+ffi::Error scale_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
+                     double p, int64_t axis, int64_t training, int64_t batch_mode,
+                     int64_t scaling) {
   return op_cpu(nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
 }
 
@@ -212,17 +212,17 @@ ffi::Error op_cuda(void* stream, int32_t device, const ffi::AnyBuffer* shortcut,
   return ffi::Error::Success();
 }
 
-ffi::Error forward_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
-                        ffi::AnyBuffer residual, ffi::AnyBuffer key,
-                        ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
-                        int64_t batch_mode, int64_t scaling) {
+ffi::Error residual_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
+                         ffi::AnyBuffer residual, ffi::AnyBuffer key,
+                         ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                         int64_t batch_mode, int64_t scaling) {
   return op_cuda(stream, device, &shortcut, residual, key, *out, p, axis, training, batch_mode,
                  scaling);
 }
 
-ffi::Error backward_cuda(void* stream, int32_t device, ffi::AnyBuffer input, ffi::AnyBuffer key,
-                         ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
-                         int64_t batch_mode, int64_t scaling) {
+ffi::Error scale_cuda(void* stream, int32_t device, ffi::AnyBuffer input, ffi::AnyBuffer key,
+                      ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
+                      int64_t batch_mode, int64_t scaling) {
   return op_cuda(stream, device, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
 }
 #endif  // STOCHDEPTH_JAX_CUDA
@@ -241,21 +241,21 @@ auto with_op_attrs(Binding binding) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER(kForwardCpu, forward_cpu,
+XLA_FFI_DEFINE_HANDLER(kResidualCpu, residual_cpu,
                        with_op_attrs(ffi::Ffi::Bind()
                                          .Arg<ffi::AnyBuffer>()     // shortcut
                                          .Arg<ffi::AnyBuffer>()     // residual
                                          .Arg<ffi::AnyBuffer>()     // key
                                          .Ret<ffi::AnyBuffer>()));  // out
 
-XLA_FFI_DEFINE_HANDLER(kBackwardCpu, backward_cpu,
+XLA_FFI_DEFINE_HANDLER(kScaleCpu, scale_cpu,
                        with_op_attrs(ffi::Ffi::Bind()
                                          .Arg<ffi::AnyBuffer>()     // input
                                          .Arg<ffi::AnyBuffer>()     // key
                                          .Ret<ffi::AnyBuffer>()));  // out
 
 #if STOCHDEPTH_JAX_CUDA
-XLA_FFI_DEFINE_HANDLER(kForwardCuda, forward_cuda,
+XLA_FFI_DEFINE_HANDLER(kResidualCuda, residual_cuda,
                        with_op_attrs(ffi::Ffi::Bind()
                                          .Ctx<ffi::PlatformStream<void*>>()
                                          .Ctx<ffi::DeviceOrdinal>()
@@ -265,7 +265,7 @@ XLA_FFI_DEFINE_HANDLER(kForwardCuda, forward_cuda,
                                          .Ret<ffi::AnyBuffer>()),  // out
                        {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER(kBackwardCuda, backward_cuda,
+XLA_FFI_DEFINE_HANDLER(kScaleCuda, scale_cuda,
                        with_op_attrs(ffi::Ffi::Bind()
                                          .Ctx<ffi::PlatformStream<void*>>()
                                          .Ctx<ffi::DeviceOrdinal>()
@@ -301,23 +301,23 @@ PYBIND11_MODULE(_jax_ffi, m) {
   m.def(
       "handlers",
       [](const std::string& platform) {
-        XLA_FFI_Handler* forward = nullptr;
-        XLA_FFI_Handler* backward = nullptr;
+        XLA_FFI_Handler* residual = nullptr;
+        XLA_FFI_Handler* scale = nullptr;
         if (platform == "cpu") {
-          forward = kForwardCpu;
-          backward = kBackwardCpu;
+          residual = kResidualCpu;
+          scale = kScaleCpu;
 #if STOCHDEPTH_JAX_CUDA
         } else if (platform == "CUDA") {
-          forward = kForwardCuda;
-          backward = kBackwardCuda;
+          residual = kResidualCuda;
+          scale = kScaleCuda;
 #endif
         } else {
           throw std::invalid_argument("stochdepth._jax_ffi has no handlers for platform '" +
                                       platform + "'");
         }
         py::dict d;
-        d["stochdepth_forward"] = py::capsule(reinterpret_cast<void*>(forward));
-        d["stochdepth_backward"] = py::capsule(reinterpret_cast<void*>(backward));
+        d["stochdepth_residual"] = py::capsule(reinterpret_cast<void*>(residual));
+        d["stochdepth_scale"] = py::capsule(reinterpret_cast<void*>(scale));
         return d;
       },
       py::arg("platform") = "cpu");

@@ -31,7 +31,7 @@ import stochdepth.jax as sdj  # noqa: E402
 from stochdepth.jax import _ffi  # noqa: E402
 
 GPU_SKIP = "no JAX GPU backend (jax[cuda12]) here"
-TARGETS = ("stochdepth_backward", "stochdepth_forward")
+TARGETS = ("stochdepth_residual", "stochdepth_scale")  # sorted
 
 
 def _capsule_pointer(capsule):
@@ -176,7 +176,7 @@ _COMMAND_BUFFER_SCRIPT = textwrap.dedent("""
     f = jax.jit(step)
     text = f.lower(a, b, 0).compile().as_text()
     blocks = [blk for blk in text.split("\\n\\n") if "command_buffer" in blk.split("\\n")[0]]
-    assert any('custom_call_target="stochdepth_forward"' in blk for blk in blocks), text
+    assert any('custom_call_target="stochdepth_residual"' in blk for blk in blocks), text
     for o in range(6):  # every replay reads its own key from the device
         want = reference.forward(a * 2, b + 1, 0.5, seed=5, offset=o) - 1
         assert np.array_equal(np.asarray(f(a, b, o)), want), o

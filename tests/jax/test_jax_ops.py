@@ -91,7 +91,7 @@ def test_backward_saves_no_mask_and_runs_the_backward_target():
     jaxpr = jax.make_jaxpr(jax.grad(
         lambda a, b: sdj.stochastic_depth(a, b, 0.5, seed=1).sum(), argnums=1))(a, a)
     text = str(jaxpr)
-    assert "stochdepth_forward" in text and "stochdepth_backward" in text
+    assert "stochdepth_residual" in text and "stochdepth_scale" in text
     assert "bool" not in text  # no mask array anywhere: only the uint32[4] key travels
 
 
@@ -197,7 +197,7 @@ def test_errors():
 
 
 def test_direct_ffi_call_with_bad_attributes_is_an_error_not_a_crash():
-    call = jax.ffi.ffi_call("stochdepth_backward", jax.ShapeDtypeStruct((4,), jnp.float32))
+    call = jax.ffi.ffi_call("stochdepth_scale", jax.ShapeDtypeStruct((4,), jnp.float32))
     with pytest.raises(Exception, match=r"survival_prob must be in \[0, 1\]"):
         np.asarray(call(jnp.ones(4), jnp.zeros(4, jnp.uint32), survival_prob=np.float64(2.0),
                         axis=np.int64(0), training=np.int64(1), batch_mode=np.int64(0),

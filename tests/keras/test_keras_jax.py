@@ -24,7 +24,7 @@ def test_jax_layer_step_is_the_ffi_custom_call(rng):
     a, b = pair(rng, (6, 4))
     layer = StochasticDepth(0.5, seed=3)
     text = str(jax.make_jaxpr(lambda a, b: layer([a, b], training=True))(a, b))
-    assert "stochdepth_forward" in text
+    assert "stochdepth_residual" in text
     assert "shift_right_logical" not in text  # no Philox in integer ops
 
 

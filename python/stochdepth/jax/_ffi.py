@@ -22,7 +22,7 @@ from .. import _core
 
 # The oldest jaxlib the handlers are written for (cmake/jax_ffi.cmake states the same).
 MIN_JAXLIB = "0.5.0"
-TARGETS = ("stochdepth_forward", "stochdepth_backward")
+TARGETS = ("stochdepth_residual", "stochdepth_scale")
 
 
 def _version_tuple(text):

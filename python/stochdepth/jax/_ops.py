@@ -46,7 +46,7 @@ def _float0_like(key):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def residual_op(shortcut, residual, key, cfg):
-    return _call("stochdepth_forward", residual, (shortcut, residual, key), cfg)
+    return _call("stochdepth_residual", residual, (shortcut, residual, key), cfg)
 
 
 def _residual_fwd(shortcut, residual, key, cfg):
@@ -55,7 +55,7 @@ def _residual_fwd(shortcut, residual, key, cfg):
 
 def _residual_bwd(cfg, key, g):
     # d/d shortcut is the identity; d/d residual is keep * s * g, by the same kernel.
-    return g, _call("stochdepth_backward", g, (g, key), cfg), _float0_like(key)
+    return g, _call("stochdepth_scale", g, (g, key), cfg), _float0_like(key)
 
 
 residual_op.defvjp(_residual_fwd, _residual_bwd)
@@ -66,7 +66,7 @@ residual_op.defvjp(_residual_fwd, _residual_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def scale_op(x, key, cfg):
-    return _call("stochdepth_backward", x, (x, key), cfg)
+    return _call("stochdepth_scale", x, (x, key), cfg)
 
 
 def _scale_fwd(x, key, cfg):
@@ -74,7 +74,7 @@ def _scale_fwd(x, key, cfg):
 
 
 def _scale_bwd(cfg, key, g):
-    return _call("stochdepth_backward", g, (g, key), cfg), _float0_like(key)
+    return _call("stochdepth_scale", g, (g, key), cfg), _float0_like(key)
 
 
 scale_op.defvjp(_scale_fwd, _scale_bwd)
