@@ -1,0 +1,184 @@
+"""Reliability of the (seed, offset) words and the rng arguments (issue 25).
+
+1. `seed=` as the words [seed, offset] is recognised by the object's `.shape`, but what is read
+   is decided by the array itself or the tensor it exports (rank 1, 2 elements, contiguous,
+   aligned, 64-bit integers): a producer that says (2,) and exports fewer words is a ValueError
+   naming `seed` before any word is read, never a read past its buffer (a crash when the next
+   page is unmapped: that case runs in a subprocess). On every path that takes the words: NumPy
+   arrays, DLPack producers and torch tensors, JAX raw keys, and the torch adapter's words
+   tensor behind run_raw's pointer.
+2. JAX: a seed or offset that is not an integer (a string, None) is an error naming it, not
+   jnp.asarray's.
+3. The torch custom ops' `rng`: an int64 (or uint64) tensor of shape (2,), checked in eager mode
+   and on FakeTensors under torch.compile, with an error naming `rng`.
+4. A seeded module's `rng_state` with non-integral values is refused, not truncated.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from sd_malformed import Raw
+from sd_testutil import run_python
+
+import stochdepth
+
+HERE = pathlib.Path(__file__).resolve().parent
+X = np.ones((8, 3), np.float32)
+WORDS_SHAPE = r"seed as an array must be the words \[seed, offset\]: a 1-d array of 2 elements"
+U64 = (1, 64, 1)
+
+
+class LyingShape(Raw):
+    """A DLPack producer whose `.shape` says (2,), whatever its export holds."""
+
+    shape = (2,)
+
+
+class LyingArray(np.ndarray):
+    """A NumPy array whose `.shape` says (2,), whatever it holds."""
+
+    @property
+    def shape(self):
+        return (2,)
+
+
+def _words(*values):
+    return np.array(values, np.uint64)
+
+
+# ---- 1. the words form, decided by what is exported
+
+
+@pytest.mark.parametrize("fields, shown", [
+    ({"shape": [1]}, "(1,)"),
+    ({"shape": [0]}, "(0,)"),
+    ({"shape": [], "ndim": 0}, "()"),
+    ({"shape": [2, 1]}, "(2, 1)"),
+    ({"shape": [1, 2]}, "(1, 2)"),
+    ({"shape": [3]}, "(3,)"),
+], ids=["one-word", "no-word", "0-d", "2x1", "1x2", "three-words"])
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_a_producer_lying_about_its_shape_is_refused(fields, shown, call):
+    p = LyingShape(host=_words(5, 7, 9), dtype=U64, **fields)
+    with pytest.raises(ValueError, match=WORDS_SHAPE + r", got a DLPack tensor of shape "
+                       + shown.replace("(", r"\(").replace(")", r"\)") + "$"):
+        if call == "forward":
+            stochdepth.forward(X, X, 0.5, seed=p)
+        else:
+            stochdepth.backward(X, 0.5, seed=p)
+    assert p.deletes == p.exports == 1  # the consumed capsule is released once
+
+
+def test_the_exported_layout_is_checked_too():
+    w = _words(5, 7, 9, 11)
+    with pytest.raises(ValueError, match=r"seed must be C-contiguous .* with a stride of 2 "
+                                         r"elements"):
+        stochdepth.forward(X, X, 0.5, seed=LyingShape(host=w, dtype=U64, shape=[2],
+                                                         strides=[2]))
+    with pytest.raises(ValueError, match="seed must be aligned to its 8-byte items"):
+        stochdepth.forward(X, X, 0.5, seed=LyingShape(host=w, dtype=U64, shape=[2],
+                                                         byte_offset=4))
+    with pytest.raises(TypeError, match="seed as an array must hold two 64-bit integers.*"
+                                        "in 2 lanes"):
+        stochdepth.forward(X, X, 0.5, seed=LyingShape(host=w, dtype=(1, 64, 2), shape=[2]))
+    # The well-formed export reads the words, explicit unit strides included.
+    want = stochdepth.forward(X, X, 0.5, seed=5, offset=7)
+    for extra in ({}, {"strides": [1]}):
+        got = stochdepth.forward(X, X, 0.5, seed=LyingShape(host=w, dtype=U64, shape=[2],
+                                                            **extra))
+        np.testing.assert_array_equal(np.from_dlpack(got), want)
+
+
+def test_a_numpy_array_lying_about_its_shape_is_refused():
+    for real in (_words(5), _words(5, 7, 9), np.zeros((1, 2), np.uint64)):
+        lying = real.view(LyingArray)
+        assert lying.shape == (2,)
+        with pytest.raises(ValueError, match=WORDS_SHAPE + r", got an array of shape"):
+            stochdepth.forward(X, X, 0.5, seed=lying)
+    ok = _words(5, 7).view(LyingArray)
+    np.testing.assert_array_equal(stochdepth.forward(X, X, 0.5, seed=ok),
+                                  stochdepth.forward(X, X, 0.5, seed=5, offset=7))
+
+
+def test_a_torch_tensor_lying_about_its_shape_is_refused():
+    torch = pytest.importorskip("torch")
+
+    class Lying(torch.Tensor):
+        @property
+        def shape(self):
+            return torch.Size([2])
+
+    t = torch.tensor([5], dtype=torch.int64).as_subclass(Lying)
+    with pytest.raises(ValueError, match=WORDS_SHAPE + r", got a DLPack tensor of shape \(1,\)"):
+        stochdepth.forward(None, torch.from_numpy(X), 0.5, seed=t)
+
+
+def test_other_shapes_keep_the_integer_path():
+    # `.shape` picks the path, as before: not (2,) means the integer path and its TypeError,
+    # whatever the producer would export; nothing is exported then.
+    class SaysThree(Raw):
+        shape = (3,)
+
+    p = SaysThree(host=_words(5, 7), dtype=U64)
+    with pytest.raises(TypeError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        stochdepth.forward(X, X, 0.5, seed=p)
+    assert p.exports == 0
+
+
+# The words just before an unmapped page: a read of 16 bytes from a tensor that holds fewer
+# runs into it (SIGSEGV). Run in a subprocess, so a crash fails this test, not the suite.
+UNMAPPED = r"""
+import ctypes, mmap, sys
+import numpy as np
+sys.path.insert(0, {here!r})
+import stochdepth
+from sd_malformed import Raw
+
+class LyingShape(Raw):
+    shape = (2,)
+
+class LyingArray(np.ndarray):
+    @property
+    def shape(self):
+        return (2,)
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * PAGE)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+assert libc.mprotect(base + PAGE, PAGE, 0) == 0, ctypes.get_errno()
+last = np.frombuffer(buf, np.uint64, count=1, offset=PAGE - 8)  # the page's last word
+last[0] = 5
+x = np.ones((64, 3), np.float32)
+cases = {{
+    "dlpack-one-word": lambda: LyingShape(host=last, dtype=(1, 64, 1), shape=[1]),
+    "dlpack-0-d": lambda: LyingShape(host=last, dtype=(1, 64, 1), shape=[], ndim=0),
+    "dlpack-int64-one-word": lambda: LyingShape(host=last, dtype=(0, 64, 1), shape=[1]),
+    "numpy-one-word": lambda: last.view(LyingArray),
+}}
+for name, make in cases.items():
+    for call in ("forward", "backward"):
+        try:
+            if call == "forward":
+                stochdepth.forward(x, x, 0.5, seed=make())
+            else:
+                stochdepth.backward(x, 0.5, seed=make())
+            print(name, call, "accepted", flush=True)
+        except Exception as e:
+            print(name, call, type(e).__name__ + ": " + str(e), flush=True)
+print("DONE")
+"""
+
+
+def test_words_before_an_unmapped_page_are_refused_not_read():
+    r = run_python(UNMAPPED.format(here=str(HERE)), timeout=120)
+    assert r.returncode == 0, f"died (rc={r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "DONE"
+    assert len(lines) == 9
+    for line in lines[:-1]:
+        assert "ValueError: seed as an array must be the words [seed, offset]" in line, line
