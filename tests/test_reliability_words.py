@@ -182,3 +182,128 @@ def test_words_before_an_unmapped_page_are_refused_not_read():
     assert len(lines) == 9
     for line in lines[:-1]:
         assert "ValueError: seed as an array must be the words [seed, offset]" in line, line
+
+
+# ---- 1 and 3. the torch adapter: the ops' rng, and the words behind run_raw's pointer
+
+BAD_RNG = [
+    ("shape-3", lambda t: t.tensor([1, 2, 3]), "ValueError", "shape (3,)"),
+    ("shape-1", lambda t: t.tensor([1]), "ValueError", "shape (1,)"),
+    ("0-d", lambda t: t.tensor(1), "ValueError", "shape ()"),
+    ("2x1", lambda t: t.tensor([[1], [2]]), "ValueError", "shape (2, 1)"),
+    ("float", lambda t: t.tensor([1.0, 2.0]), "TypeError", "dtype torch.float32"),
+    ("bool", lambda t: t.tensor([True, False]), "TypeError", "dtype torch.bool"),
+    ("int32", lambda t: t.tensor([1, 2], dtype=t.int32), "TypeError", "dtype torch.int32"),
+]
+RNG_FORM = "rng must be an int64 tensor [seed, offset] of shape (2,), got "
+
+
+def _op_calls(torch):
+    """Each custom op called with `rng`, on CPU tensors."""
+    x = torch.ones(8, 3)
+    ops = torch.ops.stochdepth
+    return {
+        "drop_path_fwd": lambda rng: ops.drop_path_fwd(x, x, rng, 0.5, True, False, 0,
+                                                       "training", -1),
+        "drop_path_bwd": lambda rng: ops.drop_path_bwd(x, rng, 0.5, True, False, 0,
+                                                       "training", -1),
+        "scatter_kept": lambda rng: ops.scatter_kept(None, x[:4], rng, 0.5, False, "training",
+                                                     8),
+        "gather_kept": lambda rng: ops.gather_kept(x, rng, 0.5, False, "training", 4),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_RNG, ids=[c[0] for c in BAD_RNG])
+@pytest.mark.parametrize("op", ["drop_path_fwd", "drop_path_bwd", "scatter_kept",
+                                "gather_kept"])
+def test_custom_ops_refuse_a_malformed_rng_eagerly(op, case):
+    torch = pytest.importorskip("torch")
+    import stochdepth.torch  # noqa: F401 - registers the ops
+
+    _, make, exc, shown = case
+    with pytest.raises({"ValueError": ValueError, "TypeError": TypeError}[exc]) as e:
+        _op_calls(torch)[op](make(torch))
+    assert str(e.value) == RNG_FORM + shown
+
+
+@pytest.mark.parametrize("case", BAD_RNG, ids=[c[0] for c in BAD_RNG])
+def test_custom_ops_refuse_a_malformed_rng_under_compile(case):
+    torch = pytest.importorskip("torch")
+    import stochdepth.torch  # noqa: F401
+
+    _, make, exc, shown = case
+    torch._dynamo.reset()
+    x = torch.ones(8, 3)
+
+    def fn(a, rng):
+        return torch.ops.stochdepth.drop_path_fwd(a, a, rng, 0.5, True, False, 0, "training",
+                                                  -1)
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+    with pytest.raises(Exception) as e:  # noqa: PT011 - dynamo wraps the fake kernel's error
+        compiled(x, make(torch))
+    assert RNG_FORM + shown in str(e.value)
+    # The error is the fake kernel's: found on shapes and dtypes, before anything ran.
+    assert f"{exc}('rng must be" in str(e.value)
+
+
+def test_well_formed_rng_tensors_still_work():
+    torch = pytest.importorskip("torch")
+    import stochdepth.torch  # noqa: F401
+
+    x = torch.ones(8, 3)
+    want = stochdepth.forward(x.numpy(), x.numpy(), 0.5, seed=5, offset=2**64 - 1,
+                              scaling="training")
+    for rng in (torch.tensor([5, -1]), torch.tensor([5, 2**64 - 1], dtype=torch.uint64),
+                torch.tensor([5, 0, -1, 0])[::2]):
+        out = torch.ops.stochdepth.drop_path_fwd(x, x, rng, 0.5, True, False, 0, "training", -1)
+        np.testing.assert_array_equal(out.numpy(), want)
+    assert torch.ops.stochdepth.drop_path_fwd(x, x, None, 0.5, False, False, 0, "training",
+                                              -1).shape == x.shape
+
+
+def test_words_tensor_behind_run_raw_stays_alive_until_the_kernel_is_queued(monkeypatch):
+    # The adapter passes a words tensor's address to run_raw, which can check only alignment:
+    # the tensor is checked first and its contiguous copy kept alive. Between the copy and the
+    # kernel, fresh allocations of the same size must not land on the words.
+    torch = pytest.importorskip("torch")
+    from stochdepth.torch import _kernels
+
+    real = _kernels._core.run_raw
+    seen = []
+
+    def run_raw(*args, **kwargs):
+        junk = [torch.full((2,), 3, dtype=torch.int64) for _ in range(8)]
+        seen.append(kwargs.get("rng_words_ptr", 0))
+        real(*args, **kwargs)
+        del junk
+
+    monkeypatch.setattr(_kernels._core, "run_raw", run_raw)
+    x = torch.ones(64, 3)
+    strided = torch.tensor([5, 0, 7, 0])[::2]  # [5, 7], not contiguous: copied for the kernel
+    got = _kernels.forward(None, x, strided, 0.5, True, False, 0, "training", -1)
+    assert seen and seen[0] != 0
+    np.testing.assert_array_equal(got.numpy(), stochdepth.forward(None, x.numpy(), 0.5, seed=5,
+                                                                 offset=7, scaling="training"))
+    with pytest.raises(ValueError, match=r"the words \[seed, offset\] must be an int64 tensor "
+                                         r"of shape \(2,\)"):
+        _kernels.forward(None, x, torch.tensor([5]), 0.5, True, False, 0, "training", -1)
+
+
+@pytest.mark.cuda
+def test_cuda_rng_words_are_checked_before_their_pointer_is_taken():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    import stochdepth.torch  # noqa: F401
+
+    x = torch.ones(64, 3, device="cuda")
+    op = torch.ops.stochdepth.drop_path_fwd
+    for bad, exc in ((torch.tensor([5], device="cuda"), ValueError),
+                     (torch.tensor([5.0, 7.0], device="cuda"), TypeError)):
+        with pytest.raises(exc, match=r"rng must be an int64 tensor \[seed, offset\]"):
+            op(x, x, bad, 0.5, True, False, 0, "training", -1)
+    want = op(x, x, torch.tensor([5, 7], device="cuda"), 0.5, True, False, 0, "training", -1)
+    strided = torch.tensor([5, 0, 7, 0], device="cuda")[::2]
+    torch.testing.assert_close(op(x, x, strided, 0.5, True, False, 0, "training", -1), want,
+                               rtol=0, atol=0)
