@@ -307,3 +307,32 @@ def test_cuda_rng_words_are_checked_before_their_pointer_is_taken():
     strided = torch.tensor([5, 0, 7, 0], device="cuda")[::2]
     torch.testing.assert_close(op(x, x, strided, 0.5, True, False, 0, "training", -1), want,
                                rtol=0, atol=0)
+
+
+# ---- 4. a seeded module's rng_state
+
+
+@pytest.mark.parametrize("values", [[1.5, 2.0], [1.0, 2.25], [float("nan"), 0.0],
+                                    [float("inf"), 0.0]], ids=["1.5", "2.25", "nan", "inf"])
+def test_rng_state_with_non_integral_values_is_refused(values):
+    torch = pytest.importorskip("torch")
+    import stochdepth.torch as sdt
+
+    m = sdt.StochasticDepth(0.5, seed=3)
+    with pytest.raises(RuntimeError, match=r"rng_state: expected 2 int64 words \[seed, offset\], "
+                                           r"got non-integral values"):
+        m.load_state_dict({"rng_state": torch.tensor(values, dtype=torch.float64)})
+    assert (m.seed, m.offset) == (3, 0)  # left as it was
+
+
+def test_rng_state_with_integral_values_still_loads():
+    torch = pytest.importorskip("torch")
+    import stochdepth.torch as sdt
+
+    m = sdt.StochasticDepth(0.5, seed=3)
+    m.load_state_dict({"rng_state": torch.tensor([1.0, 2.0])})
+    assert (m.seed, m.offset) == (1, 2)
+    m.load_state_dict({"rng_state": torch.tensor([-1, 4])})
+    assert (m.seed, m.offset) == (2**64 - 1, 4)
+    with pytest.raises(RuntimeError, match=r"rng_state: expected 2 int64 words \[seed, offset\]"):
+        m.load_state_dict({"rng_state": torch.tensor([1, 2, 3])})
