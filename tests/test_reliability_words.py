@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -336,3 +337,81 @@ def test_rng_state_with_integral_values_still_loads():
     assert (m.seed, m.offset) == (2**64 - 1, 4)
     with pytest.raises(RuntimeError, match=r"rng_state: expected 2 int64 words \[seed, offset\]"):
         m.load_state_dict({"rng_state": torch.tensor([1, 2, 3])})
+
+
+# ---- 1 and 2. JAX: keys decided by the array itself; non-integer seeds and offsets
+
+
+JAX_CASES = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import stochdepth.jax as sdj
+
+class LyingKey:
+    # says uint32 (2,), holds one word: JAX would clamp data[1] to data[0]
+    dtype = np.dtype(np.uint32)
+    shape = (2,)
+    def __array__(self, dtype=None, copy=None):
+        return np.array([7], np.uint32)
+    def astype(self, dtype):
+        return jnp.asarray(np.array([7], np.uint32)).astype(dtype)
+    def __getitem__(self, i):
+        return jnp.asarray(np.array([7], np.uint32))[i]
+
+class Unreadable:
+    dtype = np.dtype(np.uint32)
+    shape = (2,)
+
+x = np.ones((8, 3), np.float32)
+cases = {
+    "seed-str": dict(seed="1"),
+    "offset-str": dict(seed=1, offset="2"),
+    "offset-none": dict(seed=1, offset=None),
+    "seed-list-of-str": dict(seed=["a"]),
+    "seed-object-array": dict(seed=np.array("a")),
+    "seed-float": dict(seed=1.5),
+    "seed-lying-key": dict(seed=LyingKey()),
+    "seed-unreadable-key": dict(seed=Unreadable()),
+    "seed-key-int32": dict(seed=np.array([1, 2], np.int32)),
+    "seed-key-2x2": dict(seed=jax.random.split(jax.random.PRNGKey(0))),
+    "ok-raw-key": dict(seed=np.array([0, 5], np.uint32), offset=3),
+    "ok-ints": dict(seed=5, offset=3),
+}
+for name, kw in cases.items():
+    try:
+        out = sdj.drop_path(x, 0.5, **kw)
+        got = "ok " + json.dumps(np.asarray(out)[:, 0].tolist())
+    except Exception as e:
+        got = type(e).__name__ + ": " + str(e)
+    print(json.dumps([name, got]), flush=True)
+"""
+
+
+def test_jax_seed_and_offset_errors_name_the_argument():
+    pytest.importorskip("jax")
+    r = run_python(JAX_CASES, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(json.loads(line) for line in r.stdout.splitlines() if line.startswith("["))
+    expected = {
+        "seed-str": "TypeError: seed must be an integer or an integer scalar array, got str",
+        "offset-str": "TypeError: offset must be an integer or an integer scalar array, got str",
+        "offset-none": "TypeError: offset must be an integer or an integer scalar array, got "
+                       "NoneType",
+        "seed-list-of-str": "TypeError: seed must be an integer or an integer scalar array, got "
+                            "list",
+        "seed-object-array": "TypeError: seed must be an integer or an integer scalar array, "
+                             "got ndarray that JAX cannot read",
+        "seed-float": "TypeError: seed must be an integer or an integer scalar array, got float",
+        "seed-lying-key": "ValueError: a PRNG key used as seed must be a single key with 2 "
+                          "uint32 words (threefry), got key data of shape (1,) and dtype uint32",
+        "seed-unreadable-key": "TypeError: seed must be an integer or a JAX PRNG key, got "
+                               "Unreadable that JAX cannot read as an array",
+        "seed-key-int32": "TypeError: seed must be an integer or an integer scalar array, got "
+                          "int32[2]",
+        "seed-key-2x2": "TypeError: seed must be an integer or an integer scalar array, got "
+                        "uint32[2, 2]",
+    }
+    for name, want in expected.items():
+        assert got[name].startswith(want), (name, got[name])
+    want = stochdepth.forward(None, np.ones((8, 3), np.float32), 0.5, seed=5, offset=3)
+    assert got["ok-raw-key"] == got["ok-ints"] == "ok " + json.dumps(want[:, 0].tolist())
