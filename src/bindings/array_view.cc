@@ -146,7 +146,31 @@ DType words_from_dlpack(DLDataType t, const char* name) {
   type_error(std::string(name) +
              " as an array must hold two 64-bit integers [seed, offset] (uint64 or int64), got "
              "DLPack code " +
-             std::to_string(t.code) + " of " + std::to_string(t.bits) + " bits");
+             std::to_string(t.code) + " of " + std::to_string(t.bits) + " bits" +
+             (t.lanes != 1 ? " in " + std::to_string(t.lanes) + " lanes" : ""));
+}
+
+// The words of seed= [seed, offset], decided from the exported tensor alone, never from what
+// the producer's `.shape` said: exactly two 64-bit words, one after the other, at an aligned
+// address. Checked before anything reads them (the kernel does, later): a tensor of fewer words
+// would have the second one read from outside its buffer.
+void check_words_tensor(const DLTensor& t, const std::vector<int64_t>& shape, const char* name) {
+  if (shape.size() != 1 || shape[0] != 2) {
+    value_error(std::string(name) +
+                " as an array must be the words [seed, offset]: a 1-d array of 2 elements, got "
+                "a DLPack tensor of shape " +
+                shape_str(shape));
+  }
+  if (t.strides && t.strides[0] != 1) {
+    value_error(std::string(name) +
+                " must be C-contiguous (np.ascontiguousarray(x) or x.contiguous() make a "
+                "contiguous copy), got a DLPack tensor of shape (2,) with a stride of " +
+                std::to_string(t.strides[0]) + " elements");
+  }
+  if (reinterpret_cast<uintptr_t>(static_cast<char*>(t.data) + t.byte_offset) % 8 != 0) {
+    value_error(std::string(name) +
+                " must be aligned to its 8-byte items, got an unaligned buffer");
+  }
 }
 
 template <class Managed>
@@ -162,6 +186,7 @@ ArrayView view_managed(Managed* m, const char* name, bool read_only, bool words)
   v.dtype = words ? words_from_dlpack(t.dtype, name) : dtype_from_dlpack(t.dtype, name);
   v.device = device_from_dlpack(t.device, name);
   checked_shape(t, v.dtype, name, v.shape);
+  if (words) check_words_tensor(t, v.shape, name);
   v.data = t.data ? static_cast<char*>(t.data) + t.byte_offset : nullptr;
   v.contiguous = c_contiguous(v.shape, t.strides);
   v.aligned = reinterpret_cast<uintptr_t>(v.data) % dtype_size(v.dtype) == 0;
@@ -527,6 +552,13 @@ ArrayView view_words(py::handle obj, const char* name, std::optional<int64_t> st
                  " as an array must hold two 64-bit integers [seed, offset] (uint64 or int64, "
                  "native byte order), got dtype " +
                  std::string(py::str(dt)));
+    }
+    // The array's own shape, not the `.shape` a subclass may report.
+    if (arr.ndim() != 1 || arr.shape(0) != 2) {
+      value_error(std::string(name) +
+                  " as an array must be the words [seed, offset]: a 1-d array of 2 elements, "
+                  "got an array of shape " +
+                  shape_str(std::vector<int64_t>(arr.shape(), arr.shape() + arr.ndim())));
     }
     ArrayView v;
     v.is_numpy = true;

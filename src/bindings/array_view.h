@@ -56,7 +56,8 @@ ArrayView view_of(py::handle obj, const char* name, std::optional<int64_t> strea
 
 // The words array of seed= [seed, offset] (docs/design.md, "CUDA"): a NumPy array or DLPack
 // tensor of 64-bit integers (uint64, or int64 read as two's complement). Its dtype is recorded as
-// float64 (same item size); the caller checks shape, layout and device.
+// float64 (same item size). The shape (2,) is checked here, on the array itself or the exported
+// DLPack tensor (its strides and alignment too); the caller checks layout and the device.
 ArrayView view_words(py::handle obj, const char* name, std::optional<int64_t> stream);
 
 const char* dtype_name(DType d);

@@ -124,7 +124,9 @@ Device raw_device(int device) {
 }
 
 // seed= given as the words [seed, offset] (docs/design.md, "CUDA"): a 1-d array of 2 elements.
-// Every other array keeps the integer path (and its TypeError naming the shape).
+// Every other array keeps the integer path (and its TypeError naming the shape). The object's
+// `.shape` only picks the path: view_words checks the array itself, or the tensor it exports,
+// before anything reads a word.
 bool is_words_array(py::handle obj) {
   if (obj.is_none() || PyLong_Check(obj.ptr())) return false;
   if (!py::isinstance<py::array>(obj) && !py::hasattr(obj, "__dlpack__")) return false;

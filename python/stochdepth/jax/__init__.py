@@ -70,7 +70,17 @@ def _words32(name, value):
         if not 0 <= value < 2**64:
             raise ValueError(f"{name} must be in [0, 2**64), got {value}")
         return jnp.uint32(value & _LO32), jnp.uint32(value >> 32)
-    value = jnp.asarray(value)
+    # Anything else must be an array (a JAX or NumPy scalar, traced or not): checked here, so
+    # that a string or a float is this argument's error, not jnp.asarray's.
+    if not hasattr(value, "dtype"):
+        raise TypeError(
+            f"{name} must be an integer or an integer scalar array, got {type(value).__name__}")
+    try:
+        value = jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be an integer or an integer scalar array, got {type(value).__name__} "
+            f"that JAX cannot read as an array ({e})") from e
     if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
         raise TypeError(
             f"{name} must be an integer or an integer scalar array, got {value.dtype}"
@@ -83,12 +93,17 @@ def _words32(name, value):
 
 
 def _is_key(seed):
+    """Whether `seed` is taken as a PRNG key: a typed key, or what says it is uint32 of shape
+    (2,). That only picks the path: key_words checks the array itself."""
     dtype = getattr(seed, "dtype", None)
     if dtype is None:
         return False
-    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return dtype == jnp.uint32 and tuple(getattr(seed, "shape", ())) == (2,)
+    try:
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            return True
+        return dtype == jnp.uint32 and tuple(getattr(seed, "shape", ())) == (2,)
+    except (TypeError, ValueError):  # a dtype or shape that is not one: the integer path
+        return False
 
 
 def key_words(seed, offset=0):
@@ -99,14 +114,20 @@ def key_words(seed, offset=0):
     if seed is None:
         raise ValueError("seed is required when training=True (the mask is drawn)")
     if _is_key(seed):
-        data = jax.random.key_data(seed) if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) \
-            else seed
-        if tuple(data.shape) != (2,):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(seed)
+        else:  # a raw key: the array itself, not what its `.shape` says (JAX clamps data[1])
+            try:
+                data = jnp.asarray(seed)
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"seed must be an integer or a JAX PRNG key, got {type(seed).__name__} "
+                    f"that JAX cannot read as an array ({e})") from e
+        if tuple(data.shape) != (2,) or data.dtype != jnp.uint32:
             raise ValueError(
                 f"a PRNG key used as seed must be a single key with 2 uint32 words (threefry), "
-                f"got key data of shape {tuple(data.shape)}"
+                f"got key data of shape {tuple(data.shape)} and dtype {data.dtype}"
             )
-        data = data.astype(jnp.uint32)
         s_lo, s_hi = data[1], data[0]
     else:
         s_lo, s_hi = _words32("seed", seed)

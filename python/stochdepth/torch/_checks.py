@@ -61,6 +61,24 @@ def check_u64(name: str, value) -> int:
     return value
 
 
+RNG_DTYPES = (torch.int64, torch.uint64)
+_RNG_FORM = "an int64 tensor [seed, offset] of shape (2,)"
+
+
+def check_rng(rng) -> None:
+    """The custom ops' `rng`: None (at inference) or [seed, offset], two 64-bit words (int64, read
+    as two's complement, or uint64) in a tensor of shape (2,). Shape and dtype only, never the
+    values: under torch.compile this runs on FakeTensors too, and CUDA words stay on the device."""
+    if rng is None:
+        return
+    if not isinstance(rng, Tensor):
+        raise TypeError(f"rng must be {_RNG_FORM}, got {type(rng).__name__}")
+    if rng.dtype not in RNG_DTYPES:
+        raise TypeError(f"rng must be {_RNG_FORM}, got dtype {rng.dtype}")
+    if rng.dim() != 1 or rng.shape[0] != 2:
+        raise ValueError(f"rng must be {_RNG_FORM}, got shape {tuple(rng.shape)}")
+
+
 def check_torchvision(p, mode) -> None:
     """torchvision.ops.stochastic_depth's own checks, with its messages."""
     if not 0.0 <= p <= 1.0:

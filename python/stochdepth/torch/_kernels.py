@@ -57,19 +57,23 @@ def _key(rng, training: bool, rank: int):
     if rng is None:
         raise ValueError("rng (an int64 [seed, offset] tensor) is required when training")
     if isinstance(rng, Tensor):
+        if rng.dtype == torch.uint64:  # the same words; torch's int64 ops wrap like uint64 ones
+            rng = rng.view(torch.int64)
         return rank_words(rng, rank)
     return rng.for_rank(rank)
 
 
-def _words_ptr(key, src: Tensor) -> int:
-    """run_raw's rng_words_ptr: 0 for host values, else the address of CUDA words on `src`'s
-    device (read by the kernel when it runs: docs/design.md, "CUDA")."""
+def _words(key, src: Tensor):
+    """The words run_raw's rng_words_ptr points to: None for host values, else CUDA words on
+    `src`'s device, checked (run_raw can check only a pointer's alignment) and contiguous (read
+    by the kernel when it runs: docs/design.md, "CUDA"). The caller keeps the returned tensor
+    alive until the kernel is queued: a contiguous copy made here is the one it reads."""
     if not isinstance(key, Tensor):
-        return 0
+        return None
     if key.device != src.device or key.dtype != torch.int64 or key.shape != (2,):
         raise ValueError(f"the words [seed, offset] must be an int64 tensor of shape (2,) on "
                          f"{src.device}, got {key.dtype} {tuple(key.shape)} on {key.device}")
-    return key.contiguous().data_ptr()
+    return key.contiguous()
 
 
 def dense(t: Tensor) -> Tensor:
@@ -85,8 +89,9 @@ def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scalin
     if shortcut is not None:
         shortcut = dense(shortcut)
     key = _key(rng, training, rank)
-    words_ptr = _words_ptr(key, src)
-    seed, offset = (0, 0) if words_ptr else key
+    words = _words(key, src)  # alive until run_raw returns
+    words_ptr = 0 if words is None else words.data_ptr()
+    seed, offset = (0, 0) if words is not None else key
     if use_lib_alloc(src):
         out = _core.forward(None if shortcut is None else shortcut.detach(), src.detach(),
                             float(survival_prob), bool(training), seed, offset,

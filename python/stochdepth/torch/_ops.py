@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels, _mode
-from ._checks import check_op_args
+from ._checks import check_op_args, check_rng
 from ._rng import as_key, as_tensor
 
 # ---- the ops ----------------------------------------------------------------------------------
@@ -41,12 +41,14 @@ def drop_path_fwd(
     >= 0 replaces the seed by `rank_seed(seed, rank)`, -1 keeps it. Non-contiguous inputs are
     made contiguous; the output is a new C-contiguous tensor.
     """
+    check_rng(rng)
     return _kernels.forward(shortcut, residual, as_key(rng), survival_prob, training,
                             batch_mode, axis, scaling, rank)
 
 
 @drop_path_fwd.register_fake
 def _(shortcut, residual, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+    check_rng(rng)
     check_op_args(shortcut, residual, survival_prob, axis, scaling)
     return residual.new_empty(residual.shape)
 
@@ -66,12 +68,14 @@ def drop_path_bwd(
 
     The shortcut's gradient is grad_out itself and needs no op.
     """
+    check_rng(rng)
     return _kernels.backward(grad_out, as_key(rng), survival_prob, training, batch_mode, axis,
                              scaling, rank)
 
 
 @drop_path_bwd.register_fake
 def _(grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+    check_rng(rng)
     check_op_args(None, grad_out, survival_prob, axis, scaling)
     return grad_out.new_empty(grad_out.shape)
 
@@ -84,12 +88,14 @@ def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival
 
     `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
     """
+    check_rng(rng)
     return _kernels.scatter(shortcut, kept, as_key(rng), survival_prob, batch_mode, scaling,
                             batch)
 
 
 @scatter_kept.register_fake
 def _(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch):
+    check_rng(rng)
     return kept.new_empty((batch,) + tuple(kept.shape[1:]))
 
 
@@ -99,11 +105,13 @@ def gather_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: boo
     """s * full at the kept samples (dim 0), in order. With scaling "inference" s = 1: a plain
     selection of the kept samples (the branch's input); with the op's scaling, the branch
     output's gradient."""
+    check_rng(rng)
     return _kernels.gather(full, as_key(rng), survival_prob, batch_mode, scaling, n_kept)
 
 
 @gather_kept.register_fake
 def _(full, rng, survival_prob, batch_mode, scaling, n_kept):
+    check_rng(rng)
     return full.new_empty((n_kept,) + tuple(full.shape[1:]))
 
 

@@ -315,10 +315,17 @@ class SeededMixin:
         key = prefix + "rng_state"
         if key in state_dict:
             value = state_dict.pop(key)
-            words = [int(w) & M64 for w in torch.as_tensor(value).reshape(-1).tolist()]
-            if len(words) != 2:
+            raw = torch.as_tensor(value).reshape(-1).tolist()
+            if len(raw) != 2:
                 error_msgs.append(f"{key}: expected 2 int64 words [seed, offset]")
                 return
+            # A float is taken only when it is an integer: int() would truncate 1.5 to 1.
+            if not all(isinstance(w, int) or (isinstance(w, float) and w.is_integer())
+                       for w in raw):
+                error_msgs.append(f"{key}: expected 2 int64 words [seed, offset], got "
+                                  f"non-integral values {raw}")
+                return
+            words = [int(w) & M64 for w in raw]
             module._set_seed(words[0], words[1])
 
     def _seed_repr(self):
