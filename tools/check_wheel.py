@@ -55,6 +55,9 @@ def main(path, flavour):
     problems = []
     if grafted:
         problems.append(f"auditwheel grafted libraries into the wheel: {grafted}")
+    test_only = [n for n in names if n.startswith("stochdepth/_cuda_emulator")]
+    if test_only:
+        problems.append(f"the tests' module is in a user's wheel: {test_only}")
     foreign = [lib for lib in needed if lib not in SYSTEM]
     if foreign:
         problems.append(f"NEEDED libraries beyond the system's: {foreign}")

@@ -422,6 +422,11 @@ PYBIND11_MODULE(_core, m) {
     d["cpu_isa"] = isa_name(active_isa());
     d["cuda_compiled"] = cuda_compiled();
     d["cuda_architectures"] = cuda_architectures();
+#ifdef STOCHDEPTH_HAS_CUDA_EMULATOR
+    d["cuda_emulator"] = true;  // stochdepth._cuda_emulator, the tests' module, is installed
+#else
+    d["cuda_emulator"] = false;
+#endif
     d["cuda_device_count"] = cuda_device_count();
     d["num_threads"] = num_threads();
     d["parallel_threshold_bytes"] = parallel_threshold_bytes();
