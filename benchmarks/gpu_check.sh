@@ -295,7 +295,11 @@ fi
 # ---- 5. the table, last: on stdout and in $OUT/gpu_table.txt
 "$PY" benchmarks/gpu_table.py "$OUT" "$DRY" | tee "$OUT/gpu_table.txt"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || FAILED=1
-# Let the log's tee write everything before the script ends.
+# Let the log's tee write everything before the script ends, 5 s at most (a process a timed-out
+# step left behind may still hold the pipe open).
 exec >&- 2>&-
-wait "$TEE_PID" 2>/dev/null
+for _ in {1..50}; do
+  kill -0 "$TEE_PID" 2>/dev/null || break
+  sleep 0.1
+done
 exit "$FAILED"
