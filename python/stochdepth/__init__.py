@@ -3,8 +3,9 @@
     out[b] = shortcut[b] + keep[b] * s * residual[b]
 
 `keep` comes from a counter-based Philox4x32-10 stream keyed by (seed, offset), identical on every
-CPU, GPU and framework; the kernels are hand-written C++ (scalar and AVX2, chosen at run time)
-and CUDA. docs/design.md is the contract; `stochdepth.reference` is the NumPy oracle.
+CPU, GPU and framework; the kernels are hand-written C++ (scalar, AVX2, AVX-512 and NEON paths,
+the best one the CPU supports chosen at run time) and CUDA. docs/design.md is the contract;
+`stochdepth.reference` is the NumPy oracle.
 
 Adapters live in subpackages that import their framework only when imported themselves:
 `stochdepth.torch`, `stochdepth.jax`, `stochdepth.keras`. Importing `stochdepth` imports none.

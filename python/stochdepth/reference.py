@@ -1,11 +1,11 @@
 """Pure-NumPy reference of stochdepth: Philox4x32-10, the mask stream, forward and backward.
 
 Written for clarity, not speed, and never used as a fallback for a missing kernel: it is the
-yardstick. Every compiled backend (scalar, AVX2, CUDA) must reproduce it bit for bit, because
-the arithmetic is pinned (docs/design.md, "Arithmetic"): half types load into float32, the
-scale is 1/p (or p) evaluated in float64 and rounded once to the compute type, and
-out = shortcut + (scale * residual) with the multiply and the add rounded separately (NumPy
-never fuses them).
+yardstick. Every compiled backend (the scalar, AVX2, AVX-512 and NEON CPU paths, and CUDA) must
+reproduce it bit for bit, because the arithmetic is pinned (docs/design.md, "Arithmetic"): half
+types load into float32, the scale is 1/p (or p) evaluated in float64 and rounded once to the
+compute type, and out = shortcut + (scale * residual) with the multiply and the add rounded
+separately (NumPy never fuses them).
 """
 
 from __future__ import annotations

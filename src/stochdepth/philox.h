@@ -1,6 +1,10 @@
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
-// exactly as Random123 defines it. This is the ONLY random-number code in the project:
-// the CPU kernels, the CUDA kernels and (by its own NumPy copy) stochdepth.reference use it.
+// exactly as Random123 defines it: the compiled code's constants and its one-block rounds.
+// The scalar CPU path and the CUDA kernels draw their masks with it (through mask.h); the AVX2,
+// AVX-512 and NEON units take only its constants and run the same rounds on 8, 16 or 4 blocks at
+// once. Two Python copies of the same stream exist beside it: stochdepth.reference (NumPy, the
+// yardstick) and stochdepth/keras/_philox.py (keras.ops integer ops, for the Keras layer on
+// backends without the kernels, i.e. TensorFlow). All of them give the same words.
 // Header-only, no includes beyond <cstdint>, callable from host and device.
 #pragma once
 #include <cstdint>

@@ -9,9 +9,10 @@ options `mode` ("row" or "batch"), `scaling` ("inference" or "training") and `ax
 "Randomness in the adapters" says how the layer keeps its seed and step). Models saved with
 kerasfactory's layer load with `load_kerasfactory_model` (see `_compat`).
 
-Modules: `layer` (the layer), `_philox` (the mask in `keras.ops` integer ops, used on every
-backend but torch), `_compat` (kerasfactory loading helpers). Importing this package never
-imports torch: the torch backend's path imports `stochdepth.torch` on first use.
+Modules: `layer` (the layer), `_philox` (the mask in `keras.ops` integer ops, used by the layer
+on backends without the kernels: TensorFlow), `_compat` (kerasfactory loading helpers).
+Importing this package never imports torch: the torch backend's path imports `stochdepth.torch`
+on first use.
 """
 
 from __future__ import annotations

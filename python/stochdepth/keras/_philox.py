@@ -1,8 +1,10 @@
 """Philox4x32-10 in `keras.ops` integer ops: the keep mask on backends without the kernels.
 
-The layer uses it on every backend but torch (which calls the compiled kernels). The words are
-those of `stochdepth.mask` bit for bit (docs/design.md, "The mask stream"); every operation stays
-within uint32 without relying on wrap-around, which not every backend promises.
+The layer uses it on backends without the kernels (TensorFlow); on torch and JAX it calls the
+compiled kernels through `stochdepth.torch` and `stochdepth.jax`. `keep_mask` itself runs on
+every backend, JAX included. The words are those of `stochdepth.mask` bit for bit
+(docs/design.md, "The mask stream"); every operation stays within uint32 without relying on
+wrap-around, which not every backend promises.
 """
 
 from __future__ import annotations
