@@ -167,6 +167,7 @@ def get_isa():
 
 
 def empty_cache():
-    """Release the output memory stochdepth keeps for reuse: the CPU buffers (see README,
-    "Memory") and the free part of its CUDA memory pools (docs/design.md, "CUDA")."""
+    """Release the output memory stochdepth keeps for reuse: the CPU buffers (see docs/usage.md,
+    "CPU kernels, threads and memory") and the free part of its CUDA memory pools
+    (docs/design.md, "CUDA")."""
     _core.cache_clear()

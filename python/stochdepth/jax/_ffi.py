@@ -57,7 +57,7 @@ def _load_module():
             "this stochdepth build has no JAX FFI module (stochdepth._jax_ffi): it was built "
             "where no jaxlib with the XLA FFI headers was importable, or with STOCHDEPTH_JAX=OFF. "
             f"Rebuild with jaxlib >= {MIN_JAXLIB} installed in the build environment (see "
-            "README, JAX)."
+            "docs/install.md, \"JAX: the XLA FFI module\")."
         ) from e
     return _jax_ffi
 
