@@ -59,7 +59,7 @@ TEE_PID=$!
 JOBS="${SD_JOBS:-16}"
 BUDGET="${SD_BUDGET:-470}"
 RESERVE=8 # seconds kept for the table
-SITE=/tmp/sd-site # wheels carried in .whl/ that the machine lacks
+SITE=/tmp/sd-site # packages from .whl/ that the machine lacks
 PKG=/tmp/sd-pkg   # the stochdepth build
 STEPS="$OUT/steps.tsv"
 : >"$STEPS"
