@@ -82,6 +82,7 @@ class _BuildInfo(TypedDict):
     cpu_isa: str
     cuda_compiled: bool
     cuda_architectures: str
+    cuda_emulator: bool  # the tests' module _cuda_emulator is installed
     cuda_device_count: int
     num_threads: int
     parallel_threshold_bytes: int
