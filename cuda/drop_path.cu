@@ -75,18 +75,20 @@ class DeviceGuard {
 // Sets this thread's stream-capture mode to relaxed for the scope, so that the library's own
 // stream-ordered calls on streams that are not capturing neither join nor break a capture in
 // progress elsewhere; restores the caller's mode.
+// status() is the exchange's error (then nothing was changed and nothing is restored).
 class RelaxedCapture {
  public:
-  RelaxedCapture() { ok_ = cudaThreadExchangeStreamCaptureMode(&mode_) == cudaSuccess; }
+  RelaxedCapture() : status_(cudaThreadExchangeStreamCaptureMode(&mode_)) {}
   ~RelaxedCapture() {
-    if (ok_) (void)cudaThreadExchangeStreamCaptureMode(&mode_);
+    if (status_ == cudaSuccess) (void)cudaThreadExchangeStreamCaptureMode(&mode_);
   }
+  cudaError_t status() const { return status_; }
   RelaxedCapture(const RelaxedCapture&) = delete;
   RelaxedCapture& operator=(const RelaxedCapture&) = delete;
 
  private:
   cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
-  bool ok_ = false;
+  cudaError_t status_;
 };
 
 // nullptr and cudaStreamLegacy name the same stream (the library is not built per-thread).
@@ -177,23 +179,18 @@ bool free_in_stream_order(void* ptr, const Allocation& a) {
   return true;
 }
 
-// Makes `device` current (if it is not) for the scope, without throwing.
+// Makes `device` current for the scope without throwing (cuda_swap_device), for frees.
 class QuietDevice {
  public:
-  explicit QuietDevice(int device) {
-    switched_ = cudaGetDevice(&previous_) == cudaSuccess && previous_ != device &&
-                cudaSetDevice(device) == cudaSuccess;
-    (void)cudaGetLastError();
-  }
+  explicit QuietDevice(int device) : device_(device), previous_(cuda_swap_device(device)) {}
   ~QuietDevice() {
-    if (switched_) (void)cudaSetDevice(previous_);
+    if (previous_ >= 0 && previous_ != device_) cuda_swap_device(previous_);
   }
   QuietDevice(const QuietDevice&) = delete;
   QuietDevice& operator=(const QuietDevice&) = delete;
 
  private:
-  int previous_ = 0;
-  bool switched_ = false;
+  int device_, previous_;
 };
 
 // Retries the deferred frees whose streams are no longer capturing. Takes alloc_mutex() itself.
@@ -290,12 +287,10 @@ void cuda_export(void* ptr, int device, void* consumer_stream) {
     Allocation& a = it->second;
     producer = a.stream;
     if (consumer == producer) return;
-    if (std::find(a.consumers.begin(), a.consumers.end(), consumer) == a.consumers.end()) {
-      a.consumers.push_back(consumer);
-    } else if (a.consumers.back() != consumer) {  // the last consumer is the one freeing it
-      a.consumers.erase(std::find(a.consumers.begin(), a.consumers.end(), consumer));
-      a.consumers.push_back(consumer);
-    }
+    // Listed once, last: the last consumer is the one whose stream frees it.
+    auto& c = a.consumers;
+    c.erase(std::remove(c.begin(), c.end(), consumer), c.end());
+    c.push_back(consumer);
   }
   // The consumer's stream waits for everything queued so far on the producing stream.
   DeviceGuard guard(device);
@@ -311,8 +306,8 @@ void cuda_write_words(void* dst, uint64_t seed, uint64_t offset, int device) {
   DeviceGuard guard(device);
   // Relaxed for this thread, so that the copy neither joins nor breaks a capture in progress on
   // another stream; a stream of our own, so that nothing captured is touched.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  STOCHDEPTH_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  RelaxedCapture relaxed;
+  STOCHDEPTH_CUDA_CHECK(relaxed.status());
   const uint64_t words[2] = {seed, offset};
   cudaStream_t s = nullptr;
   cudaError_t err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
@@ -322,8 +317,7 @@ void cuda_write_words(void* dst, uint64_t seed, uint64_t offset, int device) {
     if (err == cudaSuccess) err = sync;
     (void)cudaStreamDestroy(s);
   }
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);  // the caller's mode back
-  STOCHDEPTH_CUDA_CHECK(err);
+  STOCHDEPTH_CUDA_CHECK(err);  // the caller's mode is back when `relaxed` goes
 }
 
 void cuda_free(void* ptr, int device) {
