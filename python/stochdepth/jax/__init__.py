@@ -61,6 +61,15 @@ def _check_prob(p):
     return float(p)
 
 
+def _as_array(value, expected):
+    """jnp.asarray(value), its failure a TypeError that says what was expected."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{expected}, got {type(value).__name__} that JAX cannot read as an "
+                        f"array ({e})") from e
+
+
 def _words32(name, value):
     """(lo, hi) uint32 words of an integer seed or offset: host ints or JAX integer scalars."""
     if isinstance(value, (bool, np.bool_)):
@@ -75,12 +84,7 @@ def _words32(name, value):
     if not hasattr(value, "dtype"):
         raise TypeError(
             f"{name} must be an integer or an integer scalar array, got {type(value).__name__}")
-    try:
-        value = jnp.asarray(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"{name} must be an integer or an integer scalar array, got {type(value).__name__} "
-            f"that JAX cannot read as an array ({e})") from e
+    value = _as_array(value, f"{name} must be an integer or an integer scalar array")
     if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
         raise TypeError(
             f"{name} must be an integer or an integer scalar array, got {value.dtype}"
@@ -117,12 +121,7 @@ def key_words(seed, offset=0):
         if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
             data = jax.random.key_data(seed)
         else:  # a raw key: the array itself, not what its `.shape` says (JAX clamps data[1])
-            try:
-                data = jnp.asarray(seed)
-            except (TypeError, ValueError) as e:
-                raise TypeError(
-                    f"seed must be an integer or a JAX PRNG key, got {type(seed).__name__} "
-                    f"that JAX cannot read as an array ({e})") from e
+            data = _as_array(seed, "seed must be an integer or a JAX PRNG key")
         if tuple(data.shape) != (2,) or data.dtype != jnp.uint32:
             raise ValueError(
                 f"a PRNG key used as seed must be a single key with 2 uint32 words (threefry), "

@@ -239,10 +239,10 @@ class SeededMixin:
         allocated inside a CUDA graph capture would come from the graph's private pool, which
         may give it to a temporary freed earlier in the same capture: that temporary's writes
         would then overwrite the words on every replay."""
-        spare = getattr(self, "_rng_spare", None)
-        live = getattr(self, "_rng_device", None)
         if self._rng_state is None or not self._uses_device_words:
             return
+        spare = getattr(self, "_rng_spare", None)
+        live = getattr(self, "_rng_device", None)
         if (spare is None or spare.device != device) and (live is None or live.device != device):
             self._rng_spare = torch.empty(2, dtype=torch.int64, device=device)
 
