@@ -126,6 +126,21 @@ class Raw:
 
 
 F32 = (2, 32, 1)
+class LyingShape(Raw):
+    """A DLPack producer whose `.shape` says (2,), whatever its export holds: the `seed=` words
+    form must be decided from the exported tensor (tests/test_reliability_words.py)."""
+
+    shape = (2,)
+
+
+class LyingArray(np.ndarray):
+    """A NumPy array whose `.shape` says (2,), whatever it holds."""
+
+    @property
+    def shape(self):
+        return (2,)
+
+
 BIG = 2**32
 # (id, producer fields, role, expected exception or None, message fragment)
 CASES = {

@@ -21,7 +21,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from sd_malformed import Raw
+from sd_malformed import LyingArray, LyingShape, Raw
 from sd_testutil import run_python
 
 import stochdepth
@@ -30,20 +30,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 X = np.ones((8, 3), np.float32)
 WORDS_SHAPE = r"seed as an array must be the words \[seed, offset\]: a 1-d array of 2 elements"
 U64 = (1, 64, 1)
-
-
-class LyingShape(Raw):
-    """A DLPack producer whose `.shape` says (2,), whatever its export holds."""
-
-    shape = (2,)
-
-
-class LyingArray(np.ndarray):
-    """A NumPy array whose `.shape` says (2,), whatever it holds."""
-
-    @property
-    def shape(self):
-        return (2,)
 
 
 def _words(*values):
@@ -136,15 +122,7 @@ import ctypes, mmap, sys
 import numpy as np
 sys.path.insert(0, {here!r})
 import stochdepth
-from sd_malformed import Raw
-
-class LyingShape(Raw):
-    shape = (2,)
-
-class LyingArray(np.ndarray):
-    @property
-    def shape(self):
-        return (2,)
+from sd_malformed import LyingArray, LyingShape
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
