@@ -35,8 +35,8 @@ PY="${PYTHON:-python3}"
 # registered under a different name"), so only --timeout is passed. The long tests carry their
 # own limits (@pytest.mark.timeout: the JAX suite, DDP, torch.compile). Deprecation warnings
 # are not errors here: the machine's jax or torch may be newer than the pins CI tests with.
-PYTEST_OPTS=(-p no:cacheprovider -m "not slow" -W ignore::DeprecationWarning
-  -W ignore::PendingDeprecationWarning)
+WARNING_OPTS=(-W ignore::DeprecationWarning -W ignore::PendingDeprecationWarning)
+PYTEST_OPTS=(-p no:cacheprovider -m "not slow" "${WARNING_OPTS[@]}")
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST_OPTS+=(--timeout=60)
 else
@@ -69,7 +69,7 @@ export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
 export HYPOTHESIS_STORAGE_DIRECTORY=/tmp/sd-hypothesis
 export XLA_PYTHON_CLIENT_PREALLOCATE=false # a JAX GPU test shares the GPU with torch's tests
 # The JAX suite runs in a pytest of its own (tests/test_jax.py): the same warning options.
-export PYTEST_ADDOPTS="-W ignore::DeprecationWarning -W ignore::PendingDeprecationWarning"
+export PYTEST_ADDOPTS="${WARNING_OPTS[*]}"
 if [[ "$DRY" != 1 ]]; then
   export STOCHDEPTH_EXPECT_CUDA=1
   export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
