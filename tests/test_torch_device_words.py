@@ -5,8 +5,8 @@ comes from the graph's private pool, which can hand it to a temporary freed earl
 capture, and that temporary would overwrite the words on every replay. It is reserved by
 `.to(device)` / `.cuda()` (`_apply`) or by the first eager call on the device, and written when a
 capture first needs the words; a capture that finds none reserved is refused. Here "CUDA" and
-"capturing" are stand-ins (`_rng.on_cuda`, `_rng.capturing`) and the device write is a host
-memmove, so the module's own logic runs unchanged on CPU tensors.
+"capturing" are stand-ins (`on_cuda`, `capturing` in `_seeded` and `_keys`) and the device write
+is a host memmove, so the module's own logic runs unchanged on CPU tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
-from stochdepth.torch import _rng  # noqa: E402
+from stochdepth.torch import _keys, _seeded  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -29,13 +29,15 @@ def fake_cuda(monkeypatch):
     """Every tensor counts as CUDA; `state["capturing"]` says whether a capture is under way.
     Returns the state, with "made": the capturing flag at each allocation of words' memory."""
     state = {"capturing": False, "made": []}
-    monkeypatch.setattr(_rng, "on_cuda", lambda t: t is not None)
-    monkeypatch.setattr(_rng, "capturing", lambda t: t is not None and state["capturing"])
+    for module in (_keys, _seeded):  # the key arithmetic and the module state both ask
+        monkeypatch.setattr(module, "on_cuda", lambda t: t is not None)
+        monkeypatch.setattr(module, "capturing",
+                            lambda t: t is not None and state["capturing"])
 
     def write_words(ptr, seed, offset, device):
         ctypes.memmove(ptr, struct.pack("<QQ", seed, offset), 16)
 
-    monkeypatch.setattr(_rng._core, "write_device_words", write_words)
+    monkeypatch.setattr(_seeded._core, "write_device_words", write_words)
     empty = torch.empty
 
     def recording_empty(*size, **kw):

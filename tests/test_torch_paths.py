@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
+from stochdepth.torch import _keys, _ops  # noqa: E402
 from stochdepth.torch import _mode as mode  # noqa: E402
-from stochdepth.torch import _ops, _rng  # noqa: E402
-from stochdepth.torch._rng import Rng  # noqa: E402
+from stochdepth.torch._keys import Rng  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch_util import assert_same, randn, saved_tensors, to_numpy  # noqa: E402
 
@@ -292,10 +292,11 @@ def test_rng_round_trip_and_rank():
         r = Rng(seed, offset)
         t = r.tensor()
         assert t.dtype == torch.int64 and t.shape == (2,)
-        assert Rng.of(t) == r and _rng.as_host(t) == r and _rng.as_tensor(r).tolist() == t.tolist()
+        assert Rng.of(t) == r and _keys.as_host(t) == r
+        assert _keys.as_tensor(r).tolist() == t.tolist()
         assert r.for_rank(-1) is r
         assert r.for_rank(3) == Rng(sdt.rank_seed(seed, 3), offset)
-    assert _rng.as_host(None) is None and _rng.as_tensor(None) is None
+    assert _keys.as_host(None) is None and _keys.as_tensor(None) is None
 
 
 def test_forcing_the_op_path_in_plain_eager(monkeypatch):

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import _core
 from .. import mask as _mask
 from ._checks import check_op_args, check_prob, check_scaling
-from ._rng import Rng, rank_words
+from ._keys import Rng, rank_words
 
 # Converted once here, not per call.
 _CORE_DTYPES = {

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _kernels, _mode
 from ._checks import check_op_args, check_rng
-from ._rng import as_key, as_tensor
+from ._keys import as_key, as_tensor
 
 # ---- the ops ----------------------------------------------------------------------------------
 

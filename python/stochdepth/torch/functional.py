@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _ops
 from ._checks import check_axis, check_mode, check_prob, check_tensor, check_torchvision
-from ._rng import for_call, rank_key
+from ._keys import for_call, rank_key
 
 
 def promote(shortcut: Optional[Tensor], residual: Tensor):

@@ -17,7 +17,8 @@ from ._checks import (
     check_tensor,
     check_torchvision,
 )
-from ._rng import SeededMixin, rank_key
+from ._keys import rank_key
+from ._seeded import SeededMixin
 from .functional import promote, torchvision_stochastic_depth
 
 

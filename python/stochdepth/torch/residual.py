@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from . import _mode, _ops
 from ._checks import check_mode, check_prob, check_scaling, check_tensor
 from ._kernels import kept_count
+from ._keys import as_host, capturing, for_call, rank_key
 from ._ops import gather_kept, scatter_kept
-from ._rng import SeededMixin, as_host, capturing, for_call, rank_key
+from ._seeded import SeededMixin
 from .functional import stochastic_depth
 
 __all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_kept"]
