@@ -245,14 +245,13 @@ def test_rank_words_is_rank_seed_on_the_words():
     assert torch.equal(_keys.rank_words(w, -1), w)
 
 
-def test_as_key_reads_cpu_words_and_keeps_others():
+def test_key_of_reads_cpu_words():
     torch = pytest.importorskip("torch")
     from stochdepth.torch import _keys
 
-    assert _keys.as_key(None) is None
     r = _keys.Rng(3, 4)
-    assert _keys.as_key(r) is r
-    assert _keys.as_key(r.tensor()) == r
+    assert _keys.Key.of(r.tensor()) == _keys.Key(3, 4)  # read on the host: no words kept
+    assert _keys.Key.of(torch.tensor([3, 4], dtype=torch.uint64)) == _keys.Key(3, 4)
     assert not _keys.capturing(torch.ones(2))  # a CPU tensor never captures
 
 

@@ -49,19 +49,21 @@ def fake_cuda(monkeypatch):
     return state
 
 
-def words_of(rng):
-    return [w & (2**64 - 1) for w in rng.tolist()]
+def words_of(key):
+    return [w & (2**64 - 1) for w in key.words.tolist()]
 
 
 def test_the_first_eager_call_reserves_the_words_and_a_capture_uses_them(fake_cuda):
     drop = sdt.DropPath(0.5, seed=21)
     x = torch.ones(8, 3)
-    assert drop._next_rng(x) == (21, 0)  # eager: the host pair, the words' memory reserved
+    # eager: the host pair, the words' memory reserved
+    assert drop._next_rng(x, True) == (21, 0, None)
     assert fake_cuda["made"] == [False] and getattr(drop, "_rng_device", None) is None
     spare = drop._rng_spare
     fake_cuda["capturing"] = True
-    assert words_of(drop._next_rng(x)) == [21, 1]  # written from the host state, then advanced
-    assert words_of(drop._next_rng(x)) == [21, 2]
+    # written from the host state, then advanced
+    assert words_of(drop._next_rng(x, True)) == [21, 1]
+    assert words_of(drop._next_rng(x, True)) == [21, 2]
     assert fake_cuda["made"] == [False] and drop._rng_device is spare  # nothing allocated here
     fake_cuda["capturing"] = False
     assert drop.offset == 3
@@ -72,7 +74,7 @@ def test_moving_the_module_makes_the_words(fake_cuda):
     assert drop.to(torch.float64) is drop  # _apply, with a probe that counts as a CUDA tensor
     assert fake_cuda["made"] == [False]
     fake_cuda["capturing"] = True
-    assert words_of(drop._next_rng(torch.ones(4, 2))) == [5, 0]
+    assert words_of(drop._next_rng(torch.ones(4, 2), True)) == [5, 0]
     assert fake_cuda["made"] == [False]
 
 
@@ -80,7 +82,7 @@ def test_a_capture_without_words_is_refused(fake_cuda):
     drop = sdt.DropPath(0.5, seed=9)
     fake_cuda["capturing"] = True
     with pytest.raises(RuntimeError, match=r"DropPath\(seed=9\).*\.to\(device\).*eagerly"):
-        drop._next_rng(torch.ones(4, 2))
+        drop._next_rng(torch.ones(4, 2), True)
     assert fake_cuda["made"] == []
     assert drop.offset == 0  # nothing was used up
 

@@ -1,5 +1,6 @@
-"""Argument validation for the PyTorch adapter, in one place: every public function, module and
-custom op checks its arguments with these (docs/design.md, "Errors")."""
+"""The PyTorch adapter's own argument checks: tensors, the custom ops' `rng`, torchvision's
+messages. The checks of values shared with the other adapters (probabilities, seeds, mode,
+scaling, axis) and their messages are `stochdepth._op`'s (docs/design.md, "Errors")."""
 
 from __future__ import annotations
 
@@ -56,14 +57,21 @@ def check_torchvision(p, mode) -> None:
         raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
 
 
-def check_op_args(shortcut, residual, survival_prob, axis, scaling) -> None:
-    """What the kernels need of an op's arguments (also run by the fake kernels)."""
+def check_tensors(shortcut, residual, axis: int, name: str = "residual") -> None:
+    """What the kernels need of a call's tensors: dtypes, shapes, a sample axis in range, one
+    device (`name`: the residual's name in the caller's signature)."""
     pair = None if shortcut is None else (dtype_name(shortcut.dtype), tuple(shortcut.shape))
-    _op.check_arrays("residual", dtype_name(residual.dtype), tuple(residual.shape), axis, pair)
+    _op.check_arrays(name, dtype_name(residual.dtype), tuple(residual.shape), axis, pair)
     if shortcut is not None and shortcut.device != residual.device:
         raise ValueError(
             f"shortcut and residual must be on the same device, got {shortcut.device} and "
             f"{residual.device}"
         )
+
+
+def check_op_args(shortcut, residual, survival_prob, axis, scaling) -> None:
+    """What the kernels need of a custom op's arguments (run by the op and its fake kernel: the
+    op is an entry of its own)."""
+    check_tensors(shortcut, residual, axis)
     _op.check_prob("survival_prob", survival_prob)
     check_scaling(scaling)

@@ -4,22 +4,24 @@ per-rank seed (docs/design.md, "Randomness in the adapters"); the seeded modules
 
 On the host the pair is an `Rng`, two unsigned 64-bit ints. The custom ops take it as a CPU int64
 tensor [seed, offset] (two's complement words): `Rng.tensor()` makes that argument and
-`Rng.of()` reads it back. A tensor stands for the pair elsewhere only where its values are not
-known on the host: a draw or a module's state inside a traced graph, or words on a CUDA device
-(the graph-safe path, docs/design.md, "CUDA"): there the kernel reads them, never the host, so a
-captured CUDA graph draws a new mask on every replay.
+`Rng.of()` reads it back.
+
+Each call decides its path once, at its entry (docs/design.md, "The PyTorch adapter"), and makes
+the pair in that path's form: on the eager fast path a `Key` (the pair on the host, or CUDA words
+that the kernel reads when it runs: the graph-safe path, docs/design.md, "CUDA"), made by
+`eager_key`; on the custom-op path the op's `rng` tensor (a graph value inside a traced graph, so
+a new offset does not recompile), made by `traced_rng`. None means inference: no mask is drawn.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as _dist
 from torch import Tensor
 
-from . import _mode
-from ._checks import M64, check_u64
+from .._op import M64, check_u64, to_int64
 
 _GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's Weyl increment (2**64 / golden ratio)
 
@@ -41,10 +43,6 @@ def rank_seed(seed: int, rank: int) -> int:
     return _splitmix64((int(seed) + (int(rank) + 1) * _GAMMA) & M64)
 
 
-def _signed(u: int) -> int:
-    return u - (1 << 64) if u >> 63 else u
-
-
 class Rng(NamedTuple):
     """The mask stream's (seed, offset), each an unsigned 64-bit int."""
 
@@ -59,28 +57,42 @@ class Rng(NamedTuple):
 
     def tensor(self) -> Tensor:
         """The custom ops' form: a CPU int64 tensor [seed, offset]."""
-        return torch.tensor([_signed(self.seed), _signed(self.offset)], dtype=torch.int64)
+        return torch.tensor([to_int64(self.seed), to_int64(self.offset)], dtype=torch.int64)
 
     def for_rank(self, rank: int) -> Rng:
         """The pair as distributed rank `rank` uses it; rank < 0 leaves the seed as it is."""
         return self if rank < 0 else Rng(rank_seed(self.seed, rank), self.offset)
 
 
-# What the adapter passes around: an Rng, an int64 tensor (traced, or an op's argument), or
-# None (inference: no mask is drawn).
-RngArg = Union[Rng, Tensor, None]
+class Key(NamedTuple):
+    """One call's pair as the eager path's kernels take it: `seed` and `offset` read on the host,
+    or `words`, an int64 CUDA tensor [seed, offset] that the kernel reads when it runs (no host
+    read, no sync; seed and offset are then unused)."""
 
+    seed: int = 0
+    offset: int = 0
+    words: Optional[Tensor] = None
 
-def as_host(rng: RngArg) -> Optional[Rng]:
-    return rng if rng is None or isinstance(rng, Rng) else Rng.of(rng)
+    @staticmethod
+    def of(rng: Tensor) -> Key:
+        """A custom op's `rng` (int64 or uint64 [seed, offset]): CUDA words stay on the device
+        (uint64 viewed as the same int64 words), a CPU tensor is read."""
+        if rng.is_cuda:
+            return Key(words=rng.view(torch.int64) if rng.dtype == torch.uint64 else rng)
+        return Key(*Rng.of(rng))
 
+    def tensor(self) -> Tensor:
+        """The custom ops' `rng` for this pair: the words themselves, or `Rng.tensor()`."""
+        return self.words if self.words is not None else Rng(self.seed, self.offset).tensor()
 
-def as_key(rng: RngArg) -> RngArg:
-    """What the kernels take: an Rng or None as they are, CUDA words kept on the device (the
-    kernel reads them: no host read, no sync), a CPU tensor read into an Rng."""
-    if rng is None or isinstance(rng, Rng) or rng.is_cuda:
-        return rng
-    return Rng.of(rng)
+    def for_rank(self, rank: int) -> Key:
+        """The pair as distributed rank `rank` uses it (`rank_words` on device words); rank < 0
+        leaves it as it is."""
+        if rank < 0:
+            return self
+        if self.words is not None:
+            return Key(words=rank_words(self.words, rank))
+        return Key(rank_seed(self.seed, rank), self.offset)
 
 
 def on_cuda(t: Optional[Tensor]) -> bool:
@@ -103,14 +115,10 @@ def rank_words(words: Tensor, rank: int) -> Tensor:
     seed never visits the host (graph-safe). rank < 0 returns `words` unchanged."""
     if rank < 0:
         return words
-    z = words[:1] + _signed((int(rank) + 1) * _GAMMA & M64)
-    z = (z ^ _lsr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
-    z = (z ^ _lsr(z, 27)) * _signed(0x94D049BB133111EB)
+    z = words[:1] + to_int64((int(rank) + 1) * _GAMMA & M64)
+    z = (z ^ _lsr(z, 30)) * to_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _lsr(z, 27)) * to_int64(0x94D049BB133111EB)
     return torch.cat([z ^ _lsr(z, 31), words[1:]])
-
-
-def as_tensor(rng: RngArg) -> Optional[Tensor]:
-    return rng.tensor() if isinstance(rng, Rng) else rng
 
 
 def draw(generator: Optional[torch.Generator]) -> Tensor:
@@ -139,18 +147,32 @@ def draw_on_device(generator: Optional[torch.Generator], like: Tensor) -> Tensor
                          device=like.device)
 
 
-def for_call(seed, offset, generator, like: Optional[Tensor] = None) -> RngArg:
-    """A function's (seed, offset): as given, or a fresh draw when `seed` is None: on the host
-    eagerly, on `like`'s CUDA device while capturing a CUDA graph or tracing for CUDA (the
-    kernel reads those words; a graph replay draws new ones)."""
+def host_rng(seed, offset, generator) -> Rng:
+    """A call's pair on the host: as given (checked), or a fresh draw from `generator`."""
     if seed is None:
-        if like is not None and like.is_cuda:
-            if capturing(like):
-                return draw_on_device(generator, like)
-            if not _mode.eager(like) and (generator is None or generator.device.type == "cuda"):
-                return draw_on_device(generator, like)
-        return draw(generator)
+        return Rng.of(draw(generator))
     return Rng(check_u64("seed", seed), check_u64("offset", offset))
+
+
+def eager_key(seed, offset, generator, like: Tensor) -> Key:
+    """A function's pair on the eager path: as given, or a fresh draw, on the host, or on
+    `like`'s CUDA device while a CUDA graph is being captured (the kernel reads those words; a
+    replay draws new ones)."""
+    if seed is None and capturing(like):
+        return Key(words=draw_on_device(generator, like))
+    return Key(*host_rng(seed, offset, generator))
+
+
+def traced_rng(seed, offset, generator, like: Tensor) -> Tensor:
+    """A function's pair on the custom-op path: the op's `rng`, as given, or a fresh draw that
+    is part of the traced graph, on `like`'s CUDA device when tracing for CUDA (unless
+    `generator` is a CPU one)."""
+    if seed is None:
+        if like.is_cuda and (capturing(like) or generator is None
+                             or generator.device.type == "cuda"):
+            return draw_on_device(generator, like)
+        return draw(generator)
+    return Rng(check_u64("seed", seed), check_u64("offset", offset)).tensor()
 
 
 def rank_key(sync_across_ranks: bool) -> int:

@@ -6,15 +6,14 @@ CUDA graphs (docs/design.md, "Randomness in the adapters", "CUDA"). The key arit
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import _core
-from . import _mode
-from ._checks import M64, check_u64
-from ._keys import Rng, RngArg, capturing, draw, draw_on_device, for_call, on_cuda
+from .._op import M64, check_u64
+from ._keys import Key, Rng, capturing, draw, draw_on_device, on_cuda, traced_rng
 
 _STEP = torch.tensor([0, 1], dtype=torch.int64)
 
@@ -142,22 +141,25 @@ class SeededMixin:
         words[1:].add_(1)
         return rng
 
-    def _next_rng(self, like: Optional[Tensor] = None) -> RngArg:
-        """This call's pair; inside a traced graph a graph value, so that a compiled step does
-        not recompile for each new offset; while capturing a CUDA graph (or once the module has
-        device words, on their device) CUDA words that the kernel reads."""
+    def _next_rng(self, like: Tensor, eager: bool) -> Union[Key, Tensor]:
+        """This call's pair in the form of the path that the call's entry chose: on the eager path
+        (`eager`) a `Key`, while capturing a CUDA graph (or once the module has device words, on
+        their device) CUDA words that the kernel reads; on the custom-op path the op's `rng`,
+        inside a traced graph a graph value, so that a compiled step does not recompile for each
+        new offset."""
         state = self._rng_state
-        if _mode.eager(state, like):
+        if eager:
             if capturing(like):
-                return draw_on_device(None, like) if state is None else self._device_rng(like)
+                words = draw_on_device(None, like) if state is None else self._device_rng(like)
+                return Key(words=words)
             words = getattr(self, "_rng_device", None)
             if words is not None and like is not None and like.device == words.device:
-                return self._device_rng(like)  # no sync: the words stay the state
+                return Key(words=self._device_rng(like))  # no sync: the words stay the state
             if on_cuda(like):
                 self._reserve_device_words(like.device)  # for a later capture, if .to() did not
-            return self._host_rng()
+            return Key(*self._host_rng())
         if state is None:
-            return for_call(None, 0, None, like)
+            return traced_rng(None, 0, None, like)
         rng = rng_snapshot(state)
         state.add_(_STEP)
         return rng
