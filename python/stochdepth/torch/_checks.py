@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _op
-from .._op import M64, MODES, check_axis, check_mode, check_scaling, check_u64  # noqa: F401
+from .._op import MODES, check_scaling
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

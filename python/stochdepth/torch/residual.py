@@ -105,12 +105,8 @@ def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool 
     if not config.training:
         return _inference(x, branch, config)
     eager = _mode.eager(x)  # this call's one decision
-    if eager:
-        rng = host_rng(seed, offset, generator)
-    elif seed is None:
-        rng = draw(generator)  # part of the traced graph
-    else:
-        rng = Rng(_op.check_u64("seed", seed), _op.check_u64("offset", offset))
+    # Inside a traced graph an unseeded draw stays a graph value (read outside the graph).
+    rng = draw(generator) if seed is None and not eager else host_rng(seed, offset, generator)
     return _residual(eager, x, branch, config, rng, rank_key(sync_across_ranks))
 
 
