@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _core
 from .._op import M64, check_u64
+from . import _replay
 from ._keys import Key, Rng, capturing, draw, draw_on_device, on_cuda, traced_rng
 
 _STEP = torch.tensor([0, 1], dtype=torch.int64)
@@ -22,11 +23,11 @@ _STEP = torch.tensor([0, 1], dtype=torch.int64)
 def rng_snapshot(state: Tensor) -> Tensor:
     """A copy of a module's [seed, offset] state, opaque to the compiler.
 
-    Inside a compiled graph the module's state is a graph input mutated in place (offset += 1)
-    after the forward op has used it. A plain `state.clone()` may be rematerialised in the
-    backward graph by the partitioner, from the input as it is by then, i.e. with the offset of
-    the next call (seen with inductor in torch 2.13: wrong gradients). A custom op is not
-    recomputed, so the backward gets exactly the words that the forward used.
+    Inside a compiled graph the module's state is a graph input, and the graph's ops that read it
+    may be recomputed in backward by the partitioner (activation checkpointing, or any cheap
+    op). The state is therefore never mutated in a graph (`_next_rng` replaces it), and the words
+    go to the op through a custom op, which the partitioner does not rematerialise from a
+    clone of something else: the backward gets exactly the words that the forward used.
     """
     return state.clone()
 
@@ -75,10 +76,14 @@ class SeededMixin:
         return None if self._rng_state is None else Rng.of(self._pull_state()).offset
 
     def _host_rng(self) -> Rng:
-        """This call's pair, read (and the offset advanced) on the host, or a fresh draw."""
+        """This call's pair, read (and the offset advanced) on the host, or a fresh draw. A call
+        that recomputes a checkpointed forward gets that forward's pair instead (_replay.py)."""
+        if self._rng_state is None:
+            return Rng.of(draw(None))  # torch.utils.checkpoint restores the generator's state
+        return _replay.seeded_words(self, self._advance_host)
+
+    def _advance_host(self) -> Rng:
         state = self._rng_state
-        if state is None:
-            return Rng.of(draw(None))
         words = getattr(self, "_rng_device", None)
         rng = Rng.of(self._pull_state())
         state.add_(_STEP)
@@ -160,8 +165,17 @@ class SeededMixin:
             return Key(*self._host_rng())
         if state is None:
             return traced_rng(None, 0, None, like)
+        # The state is replaced, not advanced in place: a graph input that the graph mutates may
+        # be read again, after the mutation, by an op recomputed in backward (activation
+        # checkpointing under torch.compile recomputes the region's ops from its inputs; seen
+        # in torch 2.13: the next call's mask in backward). This call's words are the state as
+        # it came in, which nothing writes again; the attribute store costs no recompile.
+        # torch.export has no backward and warns about a replaced tensor attribute: in place.
         rng = rng_snapshot(state)
-        state.add_(_STEP)
+        if torch.compiler.is_exporting():
+            state.add_(_STEP)
+        else:
+            self._rng_state = state + _STEP
         return rng
 
     @staticmethod
