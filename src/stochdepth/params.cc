@@ -1,4 +1,4 @@
-// The host-side derivations of drop_path.h that need no kernel: the scale and threshold of a call
+// The host-side derivations of params.h that need no kernel: the scale and threshold of a call
 // (set_scalars) and device names. Kept apart from drop_path.cc so that the CUDA emulator module
 // (cuda/emulator_module.cc) links exactly the scalars the real launches use, and nothing else.
 #include "drop_path.h"
