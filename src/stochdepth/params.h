@@ -80,4 +80,15 @@ struct DropPathParams {
 // double, then rounded once to float.
 void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 
+// The parameters of a raw call: addresses and values that the adapters checked themselves
+// (_core.run_raw) or that a test passes (the CUDA emulator's run). Checks what the kernels cannot
+// survive and no caller can have checked for them: survival_prob in [0, 1], outer, batch and
+// inner >= 0, rng_words (0: none) aligned to 8 bytes; std::invalid_argument otherwise. Then
+// set_scalars.
+DropPathParams params_from_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer,
+                               int64_t batch, int64_t inner, DType dtype, double survival_prob,
+                               bool training, bool batch_mode, Scaling scaling, uint64_t seed,
+                               uint64_t offset, bool compact_input, bool compact_output,
+                               uintptr_t rng_words);
+
 }  // namespace stochdepth
