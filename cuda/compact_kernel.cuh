@@ -115,7 +115,7 @@ struct CompactKernel {
       kidx = static_cast<int64_t>(k);
     }
     const int64_t compact = kidx * a.p.inner;
-    const C s = A::scale(a.p.scale_f32, a.p.scale_f64);
+    const C s = scale_in<C>(a.p);
     P x[kChunks];
     if (a.p.compact_input) {  // forward: out[full] = shortcut[full] + s * input[compact]
 #pragma unroll

@@ -113,8 +113,7 @@ struct DenseKernel {
     const T* sc = static_cast<const T*>(a.p.shortcut);
     const T* STOCHDEPTH_RESTRICT in = static_cast<const T*>(a.p.input);
     T* out = static_cast<T*>(a.p.out);
-    const C scale =
-        sizeof(C) == sizeof(double) ? static_cast<C>(a.p.scale_f64) : static_cast<C>(a.p.scale_f32);
+    const C scale = scale_in<C>(a.p);
     if (a.p.training && t.uniform && a.in_place() && !sh.keep[0]) return;  // dropped tile in place
 
     // The keep bits of the elements of each whole chunk.

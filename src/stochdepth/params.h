@@ -80,6 +80,21 @@ struct DropPathParams {
 // double, then rounded once to float.
 void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 
+// The scale of a call in the kernels' compute type C (float for f16, bf16 and f32, double for
+// f64; the table above): the float that set_scalars rounded once, or the double. Every kernel, CPU
+// and CUDA, takes its factor from here. Force-inlined: the CPU ISA units, each compiled with its
+// own flags, call it, and no out-of-line copy from one of them may serve another.
+template <class C>
+STOCHDEPTH_HOST_DEVICE STOCHDEPTH_FORCEINLINE C scale_in(const DropPathParams& p) {
+  static_assert(sizeof(C) == sizeof(float) || sizeof(C) == sizeof(double),
+                "the compute type is float or double");
+  if constexpr (sizeof(C) == sizeof(double)) {
+    return p.scale_f64;
+  } else {
+    return p.scale_f32;
+  }
+}
+
 // The parameters of a raw call: addresses and values that the adapters checked themselves
 // (_core.run_raw) or that a test passes (the CUDA emulator's run). Checks what the kernels cannot
 // survive and no caller can have checked for them: survival_prob in [0, 1], outer, batch and
