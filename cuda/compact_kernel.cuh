@@ -68,7 +68,7 @@ struct CompactKernel {
     }
     // Forward out of place: the shortcut is read whatever the mask says; load it now.
     const T* sc = static_cast<const T*>(a.p.shortcut);
-    if (a.p.compact_input && sc != nullptr && !a.in_place()) {
+    if (a.p.compact_input && sc != nullptr && !a.in_place) {
       const int64_t full = t.row * a.p.inner;
 #pragma unroll
       for (int u = 0; u < kChunks; ++u) {
@@ -94,7 +94,7 @@ struct CompactKernel {
     const int64_t full = t.row * a.p.inner;
     if (!sh.keep) {
       // Backward: a dropped sample has no compact row. Forward in place: already the shortcut.
-      if (!a.p.compact_input || a.in_place()) return;
+      if (!a.p.compact_input || a.in_place) return;
 #pragma unroll
       for (int u = 0; u < kChunks; ++u) {
         if (col(t, u, id) >= a.p.inner) continue;
@@ -122,7 +122,7 @@ struct CompactKernel {
       for (int u = 0; u < kChunks; ++u) {
         if (col(t, u, id) >= a.p.inner) continue;
         x[u] = load_once<T, V>(in + compact + col(t, u, id));
-        if (sc != nullptr && a.in_place()) t.s[u] = load_once<T, V>(sc + full + col(t, u, id));
+        if (sc != nullptr && a.in_place) t.s[u] = load_once<T, V>(sc + full + col(t, u, id));
       }
 #pragma unroll
       for (int u = 0; u < kChunks; ++u) {

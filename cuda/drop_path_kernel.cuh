@@ -74,7 +74,7 @@ struct DenseKernel {
       t.e[u] = t.tile_start + (int64_t{u} * launch::kThreads + id.thread) * V;
       t.whole |= uint32_t{t.e[u] >= 0 && t.e[u] + V <= a.numel} << u;
     }
-    if (sc != nullptr && !a.in_place()) {
+    if (sc != nullptr && !a.in_place) {
 #pragma unroll
       for (int u = 0; u < kChunks; ++u) {
         if (t.whole & (1u << u)) t.s[u] = load_once<T, V>(sc + t.e[u]);
@@ -114,7 +114,7 @@ struct DenseKernel {
     const T* STOCHDEPTH_RESTRICT in = static_cast<const T*>(a.p.input);
     T* out = static_cast<T*>(a.p.out);
     const C scale = scale_in<C>(a.p);
-    if (a.p.training && t.uniform && a.in_place() && !sh.keep[0]) return;  // dropped tile in place
+    if (a.p.training && t.uniform && a.in_place && !sh.keep[0]) return;  // dropped tile in place
 
     // The keep bits of the elements of each whole chunk.
     uint32_t km[kChunks];
@@ -149,7 +149,7 @@ struct DenseKernel {
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (!(t.whole & (1u << u))) continue;
-      if (sc != nullptr && a.in_place() && km[u] != 0u) t.s[u] = load_once<T, V>(sc + t.e[u]);
+      if (sc != nullptr && a.in_place && km[u] != 0u) t.s[u] = load_once<T, V>(sc + t.e[u]);
       if (km[u] == kFull) {
         x[u] = load_once<T, V>(in + t.e[u]);
       } else if (km[u] != 0u) {
@@ -164,7 +164,7 @@ struct DenseKernel {
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
       if (t.whole & (1u << u)) {
-        if (a.in_place() && km[u] == 0u) continue;
+        if (a.in_place && km[u] == 0u) continue;
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -175,7 +175,7 @@ struct DenseKernel {
             o.set(j, sc != nullptr ? t.s[u].get(j) : A::store(C(0)));
           }
         }
-        if (!a.in_place() || km[u] == kFull) {
+        if (!a.in_place || km[u] == kFull) {
           store_vec<T, V>(out + t.e[u], o);
         } else {
 #pragma unroll
@@ -193,7 +193,7 @@ struct DenseKernel {
           if (keep) {
             const C scaled = A::mul(scale, A::load(in[idx]));
             out[idx] = A::store(sc != nullptr ? A::add(A::load(sc[idx]), scaled) : scaled);
-          } else if (!a.in_place()) {
+          } else if (!a.in_place) {
             out[idx] = sc != nullptr ? sc[idx] : A::store(C(0));
           }
         }

@@ -28,11 +28,10 @@ namespace stochdepth {
 struct KernelParams {
   DropPathParams p;
   int64_t numel;  // p.numel(), once: recomputed, it grew DenseKernel<__half, 1> by 21% (SASS)
-  int64_t lead;   // dense: launch::DenseConfig::lead; 0 for compact
-
-  // `out` is never null in a launch (numel > 0), so no null test: with one, DenseKernel<float, 4>
-  // spilled 4 bytes.
-  STOCHDEPTH_KERNEL_FN bool in_place() const { return p.shortcut == p.out; }
+  int32_t lead;   // dense: launch::DenseConfig::lead (< 16 elements); 0 for compact
+  // p.shortcut is p.out. Derived in the kernel instead, DenseKernel<float, 4> (sm_90) and
+  // DenseKernel<double, 2> (sm_120) spilled.
+  bool in_place;
 };
 // Measured with nvcc 13 for sm_90: a kernel argument of 136 bytes (against 128) made the compiler
 // read it through a pointer held in a register, and DenseKernel<float, 4> spilled 56 bytes. At 120
@@ -40,7 +39,8 @@ struct KernelParams {
 static_assert(sizeof(KernelParams) <= 128, "kernel arguments over 128 bytes spill (see above)");
 
 inline KernelParams kernel_params(const DropPathParams& p, int64_t lead) {
-  return KernelParams{p, p.numel(), lead};
+  return KernelParams{p, p.numel(), static_cast<int32_t>(lead),
+                      p.shortcut != nullptr && p.shortcut == p.out};
 }
 
 struct Idx {
