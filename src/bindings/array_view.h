@@ -1,6 +1,7 @@
 // Array inputs and outputs of the bindings: a NumPy array, a stochdepth.Array, or any DLPack
 // producer becomes an ArrayView (pointer, shape, dtype, device, flags) that keeps its source
 // alive; outputs are NumPy arrays or stochdepth.Array (a DLPack producer owning its buffer).
+// Defined in array_view.cc (the array object, NumPy) and dlpack_import.cc (DLPack producers).
 // Translation only: no arithmetic, no RNG, no choice of kernel.
 #pragma once
 #include <pybind11/numpy.h>

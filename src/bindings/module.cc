@@ -298,34 +298,14 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   return std::move(keep);
 }
 
-// The adapters' entry: pointers they validated themselves, minimal overhead.
+// The adapters' entry: pointers they validated themselves, minimal overhead (params.h).
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
              int64_t inner, DType dtype, double survival_prob, bool training, bool batch_mode,
              Scaling scaling, uint64_t seed, uint64_t offset, int device, int64_t stream,
              bool compact_input, bool compact_output, uintptr_t rng_words) {
-  if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
-    value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
-  }
-  if (outer < 0 || batch < 0 || inner < 0) value_error("outer, batch and inner must be >= 0");
-  DropPathParams p;
-  p.shortcut = reinterpret_cast<const void*>(shortcut);
-  p.input = reinterpret_cast<const void*>(input);
-  p.out = reinterpret_cast<void*>(out);
-  p.outer = outer;
-  p.batch = batch;
-  p.inner = inner;
-  p.dtype = dtype;
-  p.training = training;
-  p.batch_mode = batch_mode;
-  p.seed = seed;
-  p.offset = offset;
-  p.compact_input = compact_input;
-  p.compact_output = compact_output;
-  p.rng_words = reinterpret_cast<const uint64_t*>(rng_words);
-  if (p.rng_words && rng_words % alignof(uint64_t) != 0) {
-    value_error("rng_words_ptr must be aligned to 8 bytes");
-  }
-  set_scalars(p, survival_prob, scaling);
+  const DropPathParams p =
+      params_from_raw(shortcut, input, out, outer, batch, inner, dtype, survival_prob, training,
+                      batch_mode, scaling, seed, offset, compact_input, compact_output, rng_words);
   run(p, raw_device(device), stream);
 }
 
