@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from stochdepth.bench.cases import ANCHORS, BYTES_NOTE, MODE, SCALING
+from stochdepth.bench.cases import MODE, SCALING
 
 __all__ = ["format_table", "print_case", "write_json", "OVER_NOTE"]
 
@@ -74,28 +74,27 @@ def _ceiling_lines(op_res):
             f"({c['model']}); measured in the same rounds: " + "; ".join(prims)]
 
 
-def print_case(case_res, device, out=None):
+def print_case(case, case_res, anchors, out=None):
+    """The table of one Case from its results (the dict the JSON keeps), one "vs" column per
+    anchor Row in `anchors`."""
     out = sys.stdout if out is None else out
-    shape = tuple(case_res["shape"])
-    n = case_res["n_elems"]
     lines = [
         "",
-        f"== {case_res['name']}: {shape} {case_res['dtype']} ({case_res['what']}); "
-        f"{n / 1e6:.2f} M elements, {_mb(case_res['tensor_bytes'])} per tensor; "
-        f"p = {case_res['p']}, mode={MODE!r}, scaling={SCALING!r}",
+        f"== {case.name}: {case.shape} {case.dtype} ({case.what}); "
+        f"{case.n_elems / 1e6:.2f} M elements, {_mb(case_res['tensor_bytes'])} per tensor; "
+        f"p = {case.p}, mode={MODE!r}, scaling={SCALING!r}",
         f"   kept fraction {case_res['kept_fraction']:.4f} (stochdepth mask, mean over 256 "
         "offsets; used for the byte counts)",
     ]
     print("\n".join(lines), file=out)
 
-    anchors = [(k, h) for k, h in ANCHORS if device == "cpu" or k != "numpy"]
     headers = ["implementation", "median ms", "min ms", "reps", "GB/s", "% ceiling"]
-    headers += [h for _, h in anchors]
+    headers += [a.column for a in anchors]
     table = []
     over = False
     for op, op_res in case_res["ops"].items():
         table.append(f"[{op}] {op_res['title']}: {_mb(op_res['bytes'])} "
-                     f"({BYTES_NOTE[op]})")
+                     f"({op_res['bytes_counted']})")
         table += _ceiling_lines(op_res)
         if op_res["fits_in_cache"]:
             table.append(f"   FITS IN CACHE: {op_res['cache_note']}")
@@ -111,7 +110,7 @@ def print_case(case_res, device, out=None):
             over = over or row["over_ceiling"]
             cells = ["  " + label, fmt_ms(row["median_ms"]), fmt_ms(row["min_ms"]),
                      str(row["reps"]), f"{row['gbps']:.2f}", pct_cell]
-            cells += [_fmt_x(row["speedup"].get(k)) for k, _ in anchors]
+            cells += [_fmt_x(row["speedup"].get(a.anchor)) for a in anchors]
             table.append(cells)
     print(format_table(headers, table), file=out)
     if over:
