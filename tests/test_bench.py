@@ -542,14 +542,14 @@ def test_disabled_frameworks_rows_are_left_out():
     assert env.unavailable("torch.compile") == "disabled by --no-compile"
     assert env.unavailable("torch") is None and env.unavailable("numpy") is None
     case = bench.parse_case("small")
-    assert [r.name for r in env.rows_for(case, "bwd")] == [
+    assert [r.name for r in cli._rows(env, case, "bwd")] == [
         "sd", "sd_out", "sd_torch", "numpy", "tv", "timm"]
     env = cli.Env(cli.parse_args(["--no-torch"]))
     assert env.unavailable("stochdepth.torch") == "needs torch"
-    assert [r.name for r in env.rows_for(case, "fwd")][:1] == ["sd"]
+    assert [r.name for r in cli._rows(env, case, "fwd")][:1] == ["sd"]
     assert {"sd_torch", "tv", "timm", "compile"}.isdisjoint(
-        r.name for r in env.rows_for(case, "fwd"))
-    assert [p for p, _ in env.ceiling_rows_for(bench.parse_case("3x5:float16"), "fwd")] == [
+        r.name for r in cli._rows(env, case, "fwd"))
+    assert [p for p, _ in cli._ceiling_rows(env, bench.parse_case("3x5:float16"), "fwd")] == [
         "copy", "copy", "add"]  # NumPy's float16 add left out, no torch
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from stochdepth.bench.cases import PRIMITIVE_TENSORS, SCALING, SEED, ceiling_models
 from stochdepth.bench.rows import Row
 
-__all__ = ["ROWS", "SD_ADD", "SD_ADD_INPLACE", "op_ceiling"]
+__all__ = ["ROWS", "SD_ADD", "SD_ADD_INPLACE", "cache_flag", "op_ceiling"]
 
 # The library's inference forward with factor 1 is an add with its streaming stores and threads,
 # as _core.stream_copy is its copy: without it no add here would have both, and rows whose mix
@@ -180,3 +180,17 @@ def op_ceiling(op, kept, tensor_bytes, nbytes, measured):
     best = min(done, key=lambda m: m["ms"]) if done else None
     return {"ms": best["ms"] if best else None, "gbps": best["gbps"] if best else None,
             "model": best["name"] if best else None, "models": models, "primitives": prims}
+
+
+def cache_flag(op_res, ceiling, tensor_bytes, llc):
+    """Marks an op whose bytes, or one of its ceiling primitives' bytes, are under 2x the LLC."""
+    sets = [("the op", op_res["bytes"])]
+    sets += [(f"the {p} ceiling", PRIMITIVE_TENSORS[p] * tensor_bytes)
+             for p in ceiling["primitives"]]
+    name, smallest = min(sets, key=lambda s: s[1])
+    op_res["working_set_bytes"] = smallest
+    op_res["fits_in_cache"] = bool(llc["bytes"]) and smallest < 2 * llc["bytes"]
+    op_res["cache_note"] = (
+        f"{name} moves {smallest / 1e6:.1f} MB, under 2x the last-level cache "
+        f"({llc['bytes'] / 2**20:.1f} MiB): partly cache bandwidth, not memory"
+        if op_res["fits_in_cache"] else None)

@@ -11,17 +11,15 @@ docs/design.md, "Measuring speed".
 from __future__ import annotations
 
 import argparse
-import functools
 import math
-import os
 import sys
 
 from stochdepth.bench import anchors, ceiling, cpu_rows, cuda_rows, jax_rows, keras_rows
 from stochdepth.bench import cases as C
 from stochdepth.bench._util import Progress, short_error
+from stochdepth.bench.env import Env
 from stochdepth.bench.machine import machine_info, mem_available_bytes
-from stochdepth.bench.report import print_case, write_json
-from stochdepth.bench.rows import ALWAYS_AVAILABLE
+from stochdepth.bench.report import header, print_case, write_json
 from stochdepth.bench.timing import CpuTimer, CudaTimer, Entry, TimingPlan, interleave, summarize
 
 __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
@@ -30,112 +28,6 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
 SECTIONS = [keras_rows.SECTION, jax_rows.SECTION]
-
-
-class Env:
-    """What the run has: the library, torch (or why not), the adapter, the anchors, options."""
-
-    def __init__(self, args):
-        import stochdepth
-
-        self.sd = stochdepth
-        self.args = args
-        self.p = float(args.p)
-        self.torch = None
-        self.torch_error = "disabled by --no-torch" if args.no_torch else None
-        self.torch_thp = _torch_huge_pages(args.torch_thp)
-        if not args.no_torch:
-            try:
-                import torch
-
-                self.torch = torch
-            except Exception as exc:  # noqa: BLE001 - any import failure means "no torch rows"
-                self.torch_error = short_error(exc)
-        self.adapter = None
-        self.adapter_error = ("needs torch" if self.torch is None
-                              else "disabled by --no-adapter" if args.no_adapter else None)
-        if self.adapter_error is None:
-            try:
-                import stochdepth.torch as sdt
-
-                if not hasattr(sdt, "stochastic_depth"):
-                    raise AttributeError("stochdepth.torch has no stochastic_depth")
-                self.adapter = sdt
-            except Exception as exc:  # noqa: BLE001 - optional rows
-                self.adapter_error = short_error(exc)
-        self.compile_error = ("needs torch" if self.torch is None
-                              else "disabled by --no-compile" if args.no_compile else None)
-        self.anchors = anchors.load_anchors(self.torch) if self.torch is not None else {}
-
-    def unavailable(self, framework):
-        """Why a Row's framework cannot run here, or None."""
-        if framework in ALWAYS_AVAILABLE:
-            return None
-        why = {"torch": self.torch_error, "stochdepth.torch": self.adapter_error,
-               "torch.compile": self.compile_error}
-        if framework not in why:
-            raise ValueError(f"no framework {framework!r} in the tables")
-        return why[framework]
-
-    @functools.cached_property
-    def compared_isas(self):
-        """The other CPU ISAs whose variants of the compare_isas rows run beside them
-        (--compare-isas). Worked out once, after --isa has been applied (run() asks first)."""
-        if self.args.device != "cpu" or self.args.compare_isas == "none":
-            return []
-        supported = self.sd.build_info()["cpu_isas_supported"]
-        if self.args.compare_isas == "vector":
-            wanted = [i for i in supported if i != "scalar"]
-        else:
-            wanted = [i.strip() for i in self.args.compare_isas.split(",") if i.strip()]
-            bad = [i for i in wanted if i not in supported]
-            if bad:
-                raise SystemExit(f"--compare-isas: {bad} not supported here ({supported})")
-        return [i for i in wanted if i != self.sd.get_isa()]
-
-    def rows_for(self, case, op):
-        """The rows of `op` on this device that can run, each compare_isas row followed by its
-        variants on the other ISAs."""
-        out = []
-        for row in OP_ROWS:
-            if row.skipped(self.args.device, op, case.dtype, self.unavailable) is None:
-                out.append(row)
-                if row.compare_isas:
-                    out += [cpu_rows.on_isa(row, isa) for isa in self.compared_isas]
-        return out
-
-    def ceiling_rows_for(self, case, op):
-        """[(primitive, Row)] of the ceiling implementations the op's models need."""
-        return [(prim, row) for prim in C.primitives_for(op) for row in ceiling.ROWS
-                if row.skipped(self.args.device, prim, case.dtype, self.unavailable) is None]
-
-    def label(self, row):
-        """The row's label; an anchor running the formula instead of its package says so, and
-        a compare_isas row names its ISA when other ISAs are compared."""
-        label = row.label
-        if row.compare_isas and self.compared_isas:
-            label += f" [{self.sd.get_isa()}]"
-        source = self.anchors.get(row.source) if row.source else None
-        return source.label(label) if source is not None else label
-
-    def compile(self, fn):
-        return self.torch.compile(fn, dynamic=bool(self.args.compile_dynamic))
-
-
-def _torch_huge_pages(choice):
-    """THP_MEM_ALLOC_ENABLE for torch's CPU allocator, which without it does not ask for huge
-    pages: on the Zen 4 VM of benchmarks/RESULTS.md that made torch's own rows (the anchors)
-    up to 2.9x slower. The anchors get their best configuration unless --torch-thp default; an
-    explicit THP_MEM_ALLOC_ENABLE in the environment wins. Read by torch at its first
-    allocation, so it is set before torch is imported. Returns what the run used."""
-    if "THP_MEM_ALLOC_ENABLE" in os.environ:
-        return f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} (from the environment)"
-    if choice == "default":
-        return "torch's default (THP_MEM_ALLOC_ENABLE unset: no huge pages; --torch-thp default)"
-    if "torch" in sys.modules:
-        return "torch's default (torch was imported before the benchmark could set it)"
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the Keras subprocess rows too
-    return "THP_MEM_ALLOC_ENABLE=1 (set by the benchmark: huge pages for torch's allocator)"
 
 
 def _plan(args):
@@ -152,18 +44,22 @@ def _plan(args):
                       warmup=5, warmup_time_s=0.05)
 
 
-def _cache_flag(op_res, ceiling, tensor_bytes, llc):
-    """Marks an op whose bytes, or one of its ceiling primitives' bytes, are under 2x the LLC."""
-    sets = [("the op", op_res["bytes"])]
-    sets += [(f"the {p} ceiling", C.PRIMITIVE_TENSORS[p] * tensor_bytes)
-             for p in ceiling["primitives"]]
-    name, smallest = min(sets, key=lambda s: s[1])
-    op_res["working_set_bytes"] = smallest
-    op_res["fits_in_cache"] = bool(llc["bytes"]) and smallest < 2 * llc["bytes"]
-    op_res["cache_note"] = (
-        f"{name} moves {smallest / 1e6:.1f} MB, under 2x the last-level cache "
-        f"({llc['bytes'] / 2**20:.1f} MiB): partly cache bandwidth, not memory"
-        if op_res["fits_in_cache"] else None)
+def _rows(env, case, op):
+    """The rows of `op` on this device that can run, each compare_isas row followed by its
+    variants on the other ISAs."""
+    out = []
+    for row in OP_ROWS:
+        if row.skipped(env.args.device, op, case.dtype, env.unavailable) is None:
+            out.append(row)
+            if row.compare_isas:
+                out += [cpu_rows.on_isa(row, isa) for isa in env.compared_isas]
+    return out
+
+
+def _ceiling_rows(env, case, op):
+    """[(primitive, Row)] of the ceiling implementations the op's models need."""
+    return [(prim, row) for prim in C.primitives_for(op) for row in ceiling.ROWS
+            if row.skipped(env.args.device, prim, case.dtype, env.unavailable) is None]
 
 
 def _entry_key(row, prim=None):
@@ -178,7 +74,7 @@ def _run_op(env, case, tensors, op, case_res, plan, timer, progress, failures):
     nbytes = C.op_bytes(op, case.n_elems, tensor_bytes // case.n_elems, kept)
     where = f"{case.name}: {op}"
     timed = []  # (Row, its JSON row, its Entry or None when building it failed)
-    for row in env.rows_for(case, op):
+    for row in _rows(env, case, op):
         res = {"op": op, "impl": row.name, "label": env.label(row), "anchor": row.anchor}
         if row.source in env.anchors:
             res["anchor_source"] = env.anchors[row.source].source
@@ -193,7 +89,7 @@ def _run_op(env, case, tensors, op, case_res, plan, timer, progress, failures):
         res["compile_s"] = tensors.compile_s
         timed.append((row, res, entry))
     ceilings = []  # (primitive, Row, its Entry or the error building it)
-    for prim, row in env.ceiling_rows_for(case, op):
+    for prim, row in _ceiling_rows(env, case, op):
         try:
             fn, setup = row.build(prim, tensors)
             ceilings.append((prim, row, Entry(_entry_key(row, prim), fn, setup)))
@@ -237,64 +133,8 @@ def _run_op(env, case, tensors, op, case_res, plan, timer, progress, failures):
     del ceilings
     op_res = {"title": C.OPS[device][op], "bytes": nbytes, "bytes_counted": C.BYTES_NOTE[op],
               "ceiling": ceiling_res, "rows": rows, "round_order": order}
-    _cache_flag(op_res, ceiling_res, tensor_bytes, case_res["llc"])
+    ceiling.cache_flag(op_res, ceiling_res, tensor_bytes, case_res["llc"])
     return op_res
-
-
-def _check_cuda(env):
-    torch, sd = env.torch, env.sd
-    if torch is None:
-        raise SystemExit(f"--device cuda needs PyTorch (CUDA tensors and events): "
-                         f"{env.torch_error}")
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch.cuda.is_available() is False "
-                         "(no NVIDIA GPU or driver visible to PyTorch)")
-    info = sd.build_info()
-    error = None
-    if not info.get("cuda_compiled"):
-        error = ("stochdepth was built without CUDA (build_info()['cuda_compiled'] is False): "
-                 "rebuild with nvcc on PATH (STOCHDEPTH_CUDA=ON)")
-    elif not info.get("cuda_device_count"):
-        error = "stochdepth sees no CUDA device (build_info()['cuda_device_count'] == 0)"
-    if error:
-        print(f"WARNING: {error}; stochdepth rows will fail, anchors still run", file=sys.stderr)
-    return error
-
-
-def _header(env, plan, machine, llc):
-    sd, torch, args = env.sd, env.torch, env.args
-    bi = sd.build_info()
-    lines = [f"stochdepth {getattr(sd, '__version__', '?')} benchmark, device={args.device}, "
-             f"p={env.p}, seed={C.SEED:#x}, offset advanced per call, {machine['date_utc']}",
-             f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs "
-             f"({machine['cpu_affinity']} usable), {machine['mem_total_gib']} GiB, "
-             f"LLC {machine['llc']['text']}"]
-    if args.device == "cuda":
-        g = machine["gpu"]
-        lines.append(f"GPU: {g['name']} (cc {g['capability']}), L2 {llc['text']}, torch CUDA "
-                     f"{torch.version.cuda}; device-event timing")
-    lines.append(f"stochdepth: ISA {bi.get('cpu_isa')}, threads={bi.get('num_threads')}"
-                 f"{' (set by --threads)' if args.threads is not None else ' (its default)'}, "
-                 f"CUDA compiled: {bi.get('cuda_compiled')}")
-    if torch is not None:
-        lines.append(f"torch {torch.__version__}: threads={torch.get_num_threads()} "
-                     f"(torch's default, left as is); CPU allocator: {env.torch_thp}")
-        for a in env.anchors.values():
-            lines.append(f"anchor {a.name}: {a.source}")
-    else:
-        lines.append(f"torch: not used ({env.torch_error})")
-    if env.adapter is None:
-        lines.append(f"stochdepth.torch adapter rows: skipped ({env.adapter_error})")
-    if env.compile_error:
-        lines.append(f"torch.compile rows: skipped ({env.compile_error})")
-    for section in SECTIONS:
-        why = section.skipped(args) if args.device in section.devices else None
-        if why:
-            lines.append(f"{section.title}: skipped ({why})")
-    lines.append(f"method: per op, {plan.rounds} rounds of [ceiling primitives, then every row], "
-                 f"medians over rounds; timing {plan.as_dict()}"
-                 + (" (--quick: numbers are not meaningful)" if args.quick else ""))
-    return lines
 
 
 def _cases(args, env, llc):
@@ -326,7 +166,7 @@ def run(args):
     if args.isa is not None:
         sd.set_isa(args.isa)
     env.compared_isas  # noqa: B018 - a bad --compare-isas fails here, before any work
-    sd_cuda_error = _check_cuda(env) if device == "cuda" else None
+    sd_cuda_error = env.check_cuda() if device == "cuda" else None
     machine = machine_info(torch, sd)
     llc = machine["llc"] if device == "cpu" else machine["gpu"]["llc"]
     case_list = _cases(args, env, llc)
@@ -334,7 +174,9 @@ def run(args):
     plan = _plan(args)
     timer = CpuTimer() if device == "cpu" else CudaTimer(torch)
     progress = Progress(len(case_list) * len(ops) * plan.rounds, enabled=not args.no_progress)
-    print("\n".join(_header(env, plan, machine, llc)))
+    reasons = [(s.title, s.skipped(args)) for s in SECTIONS if device in s.devices]
+    skipped = [(title, why) for title, why in reasons if why]
+    print("\n".join(header(env, plan, machine, llc, skipped)))
     sys.stdout.flush()
 
     results = {

@@ -12,9 +12,9 @@ import os
 import re
 import sys
 
-from stochdepth.bench.cases import MODE, SCALING
+from stochdepth.bench.cases import MODE, SCALING, SEED
 
-__all__ = ["format_table", "print_case", "write_json", "OVER_NOTE"]
+__all__ = ["format_table", "header", "print_case", "write_json", "OVER_NOTE"]
 
 OVER_NOTE = ("! above 100% of the ceiling: the row moved its bytes faster than the primitives "
              "measured in the same rounds (data still in cache, or a read/write mix the "
@@ -72,6 +72,42 @@ def _ceiling_lines(op_res):
         prims += [f"{name} FAILED {f}" for f in failed]
     return [f"   ceiling {c['gbps']:.1f} GB/s = {fmt_ms(c['ms'])} ms for these bytes "
             f"({c['model']}); measured in the same rounds: " + "; ".join(prims)]
+
+
+def header(env, plan, machine, llc, skipped_sections=()):
+    """The lines printed before the tables: the run, the machine, the library, torch and the
+    anchors, what is skipped and why ([(section title, why)] for the sections), the method."""
+    sd, torch, args = env.sd, env.torch, env.args
+    bi = sd.build_info()
+    lines = [f"stochdepth {getattr(sd, '__version__', '?')} benchmark, device={args.device}, "
+             f"p={env.p}, seed={SEED:#x}, offset advanced per call, {machine['date_utc']}",
+             f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs "
+             f"({machine['cpu_affinity']} usable), {machine['mem_total_gib']} GiB, "
+             f"LLC {machine['llc']['text']}"]
+    if args.device == "cuda":
+        g = machine["gpu"]
+        lines.append(f"GPU: {g['name']} (cc {g['capability']}), L2 {llc['text']}, torch CUDA "
+                     f"{torch.version.cuda}; device-event timing")
+    lines.append(f"stochdepth: ISA {bi.get('cpu_isa')}, threads={bi.get('num_threads')}"
+                 f"{' (set by --threads)' if args.threads is not None else ' (its default)'}, "
+                 f"CUDA compiled: {bi.get('cuda_compiled')}")
+    if torch is not None:
+        lines.append(f"torch {torch.__version__}: threads={torch.get_num_threads()} "
+                     f"(torch's default, left as is); CPU allocator: {env.torch_thp}")
+        for a in env.anchors.values():
+            lines.append(f"anchor {a.name}: {a.source}")
+    else:
+        lines.append(f"torch: not used ({env.torch_error})")
+    if env.adapter is None:
+        lines.append(f"stochdepth.torch adapter rows: skipped ({env.adapter_error})")
+    if env.compile_error:
+        lines.append(f"torch.compile rows: skipped ({env.compile_error})")
+    for title, why in skipped_sections:
+        lines.append(f"{title}: skipped ({why})")
+    lines.append(f"method: per op, {plan.rounds} rounds of [ceiling primitives, then every row], "
+                 f"medians over rounds; timing {plan.as_dict()}"
+                 + (" (--quick: numbers are not meaningful)" if args.quick else ""))
+    return lines
 
 
 def print_case(case, case_res, anchors, out=None):

@@ -63,7 +63,7 @@ class Row:
     label      what the tables say
     ops        {op or ceiling primitive: builder}, a builder as in the module docstring
     framework  what must be available for it to run: "stochdepth" and "numpy" always are;
-               "torch", "stochdepth.torch", "torch.compile" (cli.Env says why one is not);
+               "torch", "stochdepth.torch", "torch.compile" (env.Env says why one is not);
                "jax", "keras" (their sections say so when they fail to import)
     devices    the devices it runs on
     ours       True for the library's own rows: a failure fails the run
