@@ -15,6 +15,7 @@ from ._ops import drop_path_bwd, drop_path_fwd
 from ._rng import rank_seed
 from .functional import drop_path, stochastic_depth, torchvision_stochastic_depth
 from .modules import DropPath, StochasticDepth, TorchvisionStochasticDepth
+from .norm import StochasticDepthNorm, stochastic_depth_norm
 from .residual import StochasticResidual, stochastic_residual
 
 __all__ = [
@@ -29,4 +30,6 @@ __all__ = [
     "drop_path_bwd",
     "StochasticResidual",
     "stochastic_residual",
+    "stochastic_depth_norm",
+    "StochasticDepthNorm",
 ]
