@@ -68,7 +68,9 @@ struct Scratch {
 };
 
 void run(const NormParams& p, bool backward, Device device, void* stream) {
-  if (p.rows() == 0 || p.width == 0) return;
+  // No rows: the forward pass has nothing to do; the backward pass still writes the column
+  // sums (+0) with its last kernel (the others have an empty grid).
+  if (p.width == 0 || (p.rows() == 0 && !backward)) return;
   const CurrentDevice current(device.id);
   NormGpuLauncher launcher{static_cast<cudaStream_t>(stream)};
   if (!backward) {

@@ -105,3 +105,12 @@ def test_threads_in_reverse_and_many_row_blocks(dtype):
 def test_wide_rows():
     check(F32, 16384, "layer", True, 0.5, batch=3, per=1)
     check(BF16, 4099, "rms", True, 0.5, batch=2, per=2, reverse=True)
+
+
+def test_no_rows_gives_zero_parameter_gradients():
+    x = np.zeros((0, 3, 5), np.float32)
+    w = np.ones(5, np.float32)
+    _, grads = emulate(x, x, 0.5, w, w, norm="layer", eps=1e-5, gamma=w, seed=1, offset=0,
+                       training=True, mode="row", scaling="training", gy=x, gn=x, reverse=False)
+    for v in grads[2:]:
+        assert_bits_equal(v, np.zeros(5, np.float32))

@@ -5,7 +5,6 @@
 #include "bindings/norm.h"
 
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -290,14 +289,9 @@ py::tuple backward_norm(py::object grad_y, py::object grad_n, py::object y_obj, 
   if (g) gg = fresh(vec, y, s.stream, &p.grad_gamma);
   if (w) gw = fresh(vec, y, s.stream, &p.grad_weight);
   if (b) gb = fresh(vec, y, s.stream, &p.grad_bias);
-  void* vecs[3] = {p.grad_gamma, p.grad_weight, p.grad_bias};
-  if (y.numel() > 0) {
+  // Even with no rows: the parameter gradients are then +0, which the core writes.
+  if (vec[0] > 0) {
     without_gil([&] { norm_backward(p, y.device, reinterpret_cast<void*>(s.stream.value_or(0))); });
-  } else if (y.device.kind == DeviceKind::kCPU) {
-    // No rows: the column sums are +0 (nothing added), which the kernels would not write.
-    for (void* v : vecs) {
-      if (v) std::memset(v, 0, static_cast<size_t>(vec[0]) * dtype_size(y.dtype));
-    }
   }
   return py::make_tuple(gs, gr, gg, gw, gb);
 }
