@@ -9,6 +9,7 @@
 
 #include "emulator.h"
 #include "launch_config.h"
+#include "norm_emulator_module.h"
 
 namespace py = pybind11;
 using namespace stochdepth;
@@ -43,6 +44,7 @@ PYBIND11_MODULE(_cuda_emulator, m) {
   m.attr("THREADS") = launch::kThreads;
   m.attr("CHUNKS_PER_THREAD") = launch::kChunksPerThread;
   m.attr("MAX_GRID") = launch::kMaxGrid;
+  emulator::register_norm_emulator(m);
   m.def("run", &run, py::arg("shortcut_ptr"), py::arg("input_ptr"), py::arg("out_ptr"),
         py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),

@@ -13,6 +13,7 @@
 
 #include "bindings/args.h"
 #include "bindings/array_view.h"
+#include "bindings/norm.h"
 #include "stochdepth/alloc.h"
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
@@ -343,6 +344,7 @@ std::vector<std::string> names(const std::vector<Isa>& isas) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "stochdepth's compiled core. Use the functions of the stochdepth package instead.";
   bind_array(m);
+  register_norm(m);
 
   // Enums, not strings, past this boundary: the adapters convert once (at import), and the
   // per-call entry run_raw takes the enum values.

@@ -17,6 +17,7 @@ from ._keys import rank_seed
 from ._ops import drop_path_bwd, drop_path_fwd
 from .functional import drop_path, stochastic_depth, torchvision_stochastic_depth
 from .modules import DropPath, StochasticDepth, TorchvisionStochasticDepth
+from .norm import StochasticDepthNorm, stochastic_depth_norm
 from .residual import StochasticResidual, stochastic_residual
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "drop_path_bwd",
     "StochasticResidual",
     "stochastic_residual",
+    "stochastic_depth_norm",
+    "StochasticDepthNorm",
 ]
