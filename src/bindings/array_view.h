@@ -73,4 +73,9 @@ py::object new_array(const std::vector<int64_t>& shape, DType dtype, Device devi
 
 void bind_array(py::module_& m);
 
+// The device checks every op's bindings make (ValueError, docs/design.md "Errors"): `v` on the
+// device of `ref`; a CUDA array only where this build has CUDA and the device exists.
+void check_device(const ArrayView& v, const ArrayView& ref, const char* name, const char* ref_name);
+void check_cuda_available(const ArrayView& v, const char* name);
+
 }  // namespace stochdepth

@@ -32,27 +32,6 @@ void check_layout(const ArrayView& v, const char* name) {
   }
 }
 
-void check_device(const ArrayView& v, const ArrayView& ref, const char* name,
-                  const char* ref_name) {
-  if (!(v.device == ref.device)) {
-    value_error(std::string(name) + " must be on the same device as " + ref_name + " (" +
-                ref.device.str() + "), got " + v.device.str());
-  }
-}
-
-void check_cuda_available(const ArrayView& v, const char* name) {
-  if (v.device.kind != DeviceKind::kCUDA) return;
-  if (!cuda_compiled()) {
-    value_error(std::string(name) + " is a CUDA array (" + v.device.str() +
-                "), but stochdepth was built without CUDA: rebuild with nvcc available "
-                "(STOCHDEPTH_CUDA=AUTO or ON)");
-  }
-  if (v.device.id >= cuda_device_count()) {
-    value_error(std::string(name) + " is on " + v.device.str() + ", but this process sees " +
-                std::to_string(cuda_device_count()) + " CUDA device(s)");
-  }
-}
-
 double eps_arg(py::handle obj) {
   if (py::isinstance<py::bool_>(obj) || PyComplex_Check(obj.ptr()) ||
       py::isinstance<py::str>(obj) ||
