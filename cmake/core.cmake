@@ -19,7 +19,8 @@ set(STOCHDEPTH_CORE_SOURCES
     ${_sd_src}/isa.cc
     ${_sd_src}/cpu_features.cc
     ${_sd_src}/cpu_scalar.cc
-    ${_sd_src}/alloc.cc)
+    ${_sd_src}/alloc.cc
+    ${_sd_src}/norm.cc ${_sd_src}/norm_scalar.cc)
 
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
   set(STOCHDEPTH_ARCH "x86_64")
@@ -40,21 +41,22 @@ endif()
 # Adds the ISA units this architecture has to `target` (sources, flags, STOCHDEPTH_HAVE_<ISA>).
 function(stochdepth_add_cpu_isas target)
   if(STOCHDEPTH_ARCH STREQUAL "x86_64" AND STOCHDEPTH_AVX2)
-    target_sources(${target} PRIVATE ${_sd_src}/cpu_avx2.cc)
-    set_source_files_properties(${_sd_src}/cpu_avx2.cc PROPERTIES
+    target_sources(${target} PRIVATE ${_sd_src}/cpu_avx2.cc ${_sd_src}/norm_avx2.cc)
+    set_source_files_properties(${_sd_src}/cpu_avx2.cc ${_sd_src}/norm_avx2.cc PROPERTIES
                                 COMPILE_OPTIONS "${_sd_avx2_flags}")
     target_compile_definitions(${target} PRIVATE STOCHDEPTH_HAVE_AVX2=1)
   endif()
   if(STOCHDEPTH_ARCH STREQUAL "x86_64" AND STOCHDEPTH_AVX512)
-    target_sources(${target} PRIVATE ${_sd_src}/cpu_avx512.cc ${_sd_src}/cpu_avx512_bf16.cc)
-    set_source_files_properties(${_sd_src}/cpu_avx512.cc PROPERTIES
+    target_sources(${target} PRIVATE ${_sd_src}/cpu_avx512.cc ${_sd_src}/cpu_avx512_bf16.cc
+                   ${_sd_src}/norm_avx512.cc)
+    set_source_files_properties(${_sd_src}/cpu_avx512.cc ${_sd_src}/norm_avx512.cc PROPERTIES
                                 COMPILE_OPTIONS "${_sd_avx512_flags}")
     set_source_files_properties(${_sd_src}/cpu_avx512_bf16.cc PROPERTIES
                                 COMPILE_OPTIONS "${_sd_avx512_flags};-mavx512bf16")
     target_compile_definitions(${target} PRIVATE STOCHDEPTH_HAVE_AVX512=1)
   endif()
   if(STOCHDEPTH_ARCH STREQUAL "aarch64" AND STOCHDEPTH_NEON)
-    target_sources(${target} PRIVATE ${_sd_src}/cpu_neon.cc)
+    target_sources(${target} PRIVATE ${_sd_src}/cpu_neon.cc ${_sd_src}/norm_neon.cc)
     target_compile_definitions(${target} PRIVATE STOCHDEPTH_HAVE_NEON=1)
   endif()
 endfunction()

@@ -35,8 +35,6 @@ struct Arith<float> {
   STOCHDEPTH_ARITH static C mul(C a, C b) { return a * b; }
   STOCHDEPTH_ARITH static C add(C a, C b) { return a + b; }
 #endif
-  // The host rounded the scale once to float and kept the double: pick the compute type's.
-  STOCHDEPTH_ARITH static C scale(float s32, double) { return s32; }
 };
 
 template <>
@@ -51,7 +49,6 @@ struct Arith<double> {
   STOCHDEPTH_ARITH static C mul(C a, C b) { return a * b; }
   STOCHDEPTH_ARITH static C add(C a, C b) { return a + b; }
 #endif
-  STOCHDEPTH_ARITH static C scale(float, double s64) { return s64; }
 };
 
 template <>

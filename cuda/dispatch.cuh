@@ -17,7 +17,7 @@ void dispatch_typed(const DropPathParams& p, L& launcher) {
   if (p.compact_input || p.compact_output) {
     const launch::CompactConfig cfg = launch::compact_config(
         p.dtype, p.batch, p.inner, addr(p.shortcut), addr(p.input), addr(p.out));
-    const CompactArgs a = compact_args(p, cfg);
+    const KernelParams a = kernel_params(p, 0);
     if (cfg.vec == kV) {
       launcher.template run<CompactKernel<T, kV>>(cfg.grid, a);
     } else {
@@ -27,7 +27,7 @@ void dispatch_typed(const DropPathParams& p, L& launcher) {
   }
   const launch::DenseConfig cfg =
       launch::dense_config(p.dtype, p.numel(), addr(p.shortcut), addr(p.input), addr(p.out));
-  const DenseArgs a = dense_args(p, cfg);
+  const KernelParams a = kernel_params(p, cfg.lead);
   if (cfg.vec == kV) {
     launcher.template run<DenseKernel<T, kV>>(cfg.grid, a);
   } else {

@@ -8,41 +8,6 @@
 
 namespace stochdepth {
 
-// Everything the kernel needs, by value (the host derived the scalars once: drop_path.h).
-struct DenseArgs {
-  const void* shortcut;  // [outer, batch, inner] or nullptr (single-input form / backward)
-  const void* input;     // [outer, batch, inner] residual, or grad_out in backward
-  void* out;             // [outer, batch, inner]; may equal shortcut (in place)
-  int64_t numel, batch, inner;
-  int64_t lead;  // launch::DenseConfig::lead
-  uint64_t seed, offset, threshold;
-  const uint64_t* words;  // [seed, offset] in device memory, read by the kernel; or nullptr
-  float scale_f32;
-  double scale_f64;
-  bool training, batch_mode, in_place;
-};
-
-inline DenseArgs dense_args(const DropPathParams& p, const launch::DenseConfig& cfg) {
-  DenseArgs a{};
-  a.shortcut = p.shortcut;
-  a.input = p.input;
-  a.out = p.out;
-  a.numel = p.numel();
-  a.batch = p.batch;
-  a.inner = p.inner;
-  a.lead = cfg.lead;
-  a.seed = p.seed;
-  a.offset = p.offset;
-  a.threshold = p.threshold;
-  a.words = p.rng_words;
-  a.scale_f32 = p.scale_f32;
-  a.scale_f64 = p.scale_f64;
-  a.training = p.training;
-  a.batch_mode = p.batch_mode;
-  a.in_place = p.shortcut != nullptr && p.shortcut == p.out;
-  return a;
-}
-
 // out = shortcut + (scale * input) per row (o, b) of [outer, batch, inner], or the dropped form
 // (drop_path.h). The flat tensor is cut into tiles; tile k covers elements
 // [k * kTile - lead, (k + 1) * kTile - lead), so that with V > 1 every full chunk is 16-byte
@@ -55,7 +20,7 @@ inline DenseArgs dense_args(const DropPathParams& p, const launch::DenseConfig& 
 // Chunks cut by the ends of the tensor go element by element.
 template <typename T, int V>
 struct DenseKernel {
-  using Args = DenseArgs;
+  using Args = KernelParams;
   using A = Arith<T>;
   using C = typename A::C;
   using P = Packed<T, V>;
@@ -80,8 +45,8 @@ struct DenseKernel {
 
   // Local row of element offset `off` (0 <= off < inner + kTile) from row r0's start.
   STOCHDEPTH_KERNEL_FN static int64_t local_row(const Args& a, int64_t off) {
-    if (a.inner >= kTile) return off >= a.inner ? 1 : 0;                 // off < 2 * inner
-    return static_cast<uint32_t>(off) / static_cast<uint32_t>(a.inner);  // off < 2 * kTile
+    if (a.p.inner >= kTile) return off >= a.p.inner ? 1 : 0;               // off < 2 * inner
+    return static_cast<uint32_t>(off) / static_cast<uint32_t>(a.p.inner);  // off < 2 * kTile
   }
 
   STOCHDEPTH_KERNEL_FN static void phase(int ph, const Args& a, Idx id, Shared& sh, Thread& t) {
@@ -93,15 +58,15 @@ struct DenseKernel {
   }
 
   STOCHDEPTH_KERNEL_FN static void load_and_draw(const Args& a, Idx id, Shared& sh, Thread& t) {
-    const T* sc = static_cast<const T*>(a.shortcut);
+    const T* sc = static_cast<const T*>(a.p.shortcut);
     t.tile_start = static_cast<int64_t>(id.block) * kTile - a.lead;
     const int64_t first = t.tile_start > 0 ? t.tile_start : 0;
     const int64_t last = (t.tile_start + kTile < a.numel ? t.tile_start + kTile : a.numel) - 1;
-    const int64_t r0 = first / a.inner;  // rows (o * batch + b) of the tile: r0 .. r0 + nrows - 1
-    t.nrows = last / a.inner - r0 + 1;
-    t.origin = r0 * a.inner;  // element offsets below are taken from row r0's start
+    const int64_t r0 = first / a.p.inner;  // rows (o * batch + b) of the tile: r0 .. r0 + nrows - 1
+    t.nrows = last / a.p.inner - r0 + 1;
+    t.origin = r0 * a.p.inner;  // element offsets below are taken from row r0's start
     // One decision for the whole tile: inference, "batch" mode, or a tile inside one row.
-    t.uniform = !a.training || a.batch_mode || t.nrows == 1;
+    t.uniform = !a.p.training || a.p.batch_mode || t.nrows == 1;
 
     t.whole = 0;
 #pragma unroll
@@ -116,13 +81,13 @@ struct DenseKernel {
       }
     }
 
-    if (!a.training) return;
-    const RngWords key = rng_words(a.seed, a.offset, a.words);
-    if (a.batch_mode) {
-      if (id.thread == 0) sh.keep[0] = keep_sample(key.seed, key.offset, 0, a.threshold);
+    if (!a.p.training) return;
+    const RngWords key = rng_words(a.p.seed, a.p.offset, a.p.rng_words);
+    if (a.p.batch_mode) {
+      if (id.thread == 0) sh.keep[0] = keep_sample(key.seed, key.offset, 0, a.p.threshold);
       return;
     }
-    const uint64_t batch = static_cast<uint64_t>(a.batch);
+    const uint64_t batch = static_cast<uint64_t>(a.p.batch);
     const uint64_t b_first = static_cast<uint64_t>(r0) % batch;
     // b_first + lr < batch + kTile: 32-bit remainders suffice unless the batch is huge.
     const bool narrow = batch <= (uint64_t{1} << 31);
@@ -138,19 +103,18 @@ struct DenseKernel {
         if (b >= batch) {
           b = narrow ? static_cast<uint32_t>(b) % static_cast<uint32_t>(batch) : b % batch;
         }
-        sh.keep[lr] = cache.keep(key.seed, key.offset, b, a.threshold);
+        sh.keep[lr] = cache.keep(key.seed, key.offset, b, a.p.threshold);
       }
     }
   }
 
   STOCHDEPTH_KERNEL_FN static void compute_and_store(const Args& a, Idx, const Shared& sh,
                                                      Thread& t) {
-    const T* sc = static_cast<const T*>(a.shortcut);
-    const T* STOCHDEPTH_RESTRICT in = static_cast<const T*>(a.input);
-    T* out = static_cast<T*>(a.out);
-    const C scale =
-        sizeof(C) == sizeof(double) ? static_cast<C>(a.scale_f64) : static_cast<C>(a.scale_f32);
-    if (a.training && t.uniform && a.in_place && !sh.keep[0]) return;  // dropped tile in place
+    const T* sc = static_cast<const T*>(a.p.shortcut);
+    const T* STOCHDEPTH_RESTRICT in = static_cast<const T*>(a.p.input);
+    T* out = static_cast<T*>(a.p.out);
+    const C scale = scale_in<C>(a.p);
+    if (a.p.training && t.uniform && a.in_place && !sh.keep[0]) return;  // dropped tile in place
 
     // The keep bits of the elements of each whole chunk.
     uint32_t km[kChunks];
@@ -161,21 +125,21 @@ struct DenseKernel {
       if (is_whole && !t.uniform) {
         const int64_t off = t.e[u] - t.origin;
         int64_t lr = local_row(a, off);
-        int64_t col = off - lr * a.inner;
-        if (col + V <= a.inner) {
+        int64_t col = off - lr * a.p.inner;
+        if (col + V <= a.p.inner) {
           km[u] = sh.keep[lr] ? kFull : 0u;
         } else {  // the chunk crosses a row boundary
           km[u] = 0u;
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             if (sh.keep[lr]) km[u] |= 1u << j;
-            if (++col == a.inner) {
+            if (++col == a.p.inner) {
               col = 0;
               ++lr;
             }
           }
         }
-      } else if (is_whole && a.training) {
+      } else if (is_whole && a.p.training) {
         km[u] = sh.keep[0] ? kFull : 0u;
       }
     }
@@ -224,8 +188,8 @@ struct DenseKernel {
         for (int j = 0; j < V; ++j) {
           const int64_t idx = t.e[u] + j;
           if (idx < 0 || idx >= a.numel) continue;
-          const bool keep =
-              !a.training || (t.uniform ? sh.keep[0] : sh.keep[local_row(a, idx - t.origin)]) != 0;
+          const bool keep = !a.p.training ||
+                            (t.uniform ? sh.keep[0] : sh.keep[local_row(a, idx - t.origin)]) != 0;
           if (keep) {
             const C scaled = A::mul(scale, A::load(in[idx]));
             out[idx] = A::store(sc != nullptr ? A::add(A::load(sc[idx]), scaled) : scaled);

@@ -1,5 +1,6 @@
 // PYBIND11_MODULE(_cuda_emulator): the CPU emulation of the CUDA kernels (emulator.h) for the
-// tests, built whenever the CUDA kernels are. `run` mirrors _core.run_raw with host pointers;
+// tests, built whenever the CUDA kernels are. `run` mirrors _core.run_raw with host pointers (the
+// same params_from_raw, params.h);
 // the launch configuration queries are the functions the real launches call (launch_config.h).
 #include <pybind11/pybind11.h>
 
@@ -8,6 +9,7 @@
 
 #include "emulator.h"
 #include "launch_config.h"
+#include "norm_emulator_module.h"
 
 namespace py = pybind11;
 using namespace stochdepth;
@@ -26,26 +28,11 @@ void run(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int6
          int64_t inner, const std::string& dtype, double survival_prob, bool training,
          bool batch_mode, const std::string& scaling, uint64_t seed, uint64_t offset,
          bool compact_input, bool compact_output, bool reverse_threads, uintptr_t words) {
-  if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
-    throw py::value_error("survival_prob must be in [0, 1]");
-  }
   if (scaling != "training" && scaling != "inference") throw py::value_error("bad scaling");
-  DropPathParams p;
-  p.shortcut = reinterpret_cast<const void*>(shortcut);
-  p.input = reinterpret_cast<const void*>(input);
-  p.out = reinterpret_cast<void*>(out);
-  p.outer = outer;
-  p.batch = batch;
-  p.inner = inner;
-  p.dtype = dtype_of(dtype);
-  p.training = training;
-  p.batch_mode = batch_mode;
-  p.seed = seed;
-  p.offset = offset;
-  p.compact_input = compact_input;
-  p.compact_output = compact_output;
-  p.rng_words = reinterpret_cast<const uint64_t*>(words);  // [seed, offset]; 0: the arguments
-  set_scalars(p, survival_prob, scaling == "training" ? Scaling::kTraining : Scaling::kInference);
+  const DropPathParams p = params_from_raw(
+      shortcut, input, out, outer, batch, inner, dtype_of(dtype), survival_prob, training,
+      batch_mode, scaling == "training" ? Scaling::kTraining : Scaling::kInference, seed, offset,
+      compact_input, compact_output, words);  // words: [seed, offset]; 0: the arguments
   py::gil_scoped_release release;
   emulator::drop_path(p, reverse_threads);
 }
@@ -57,6 +44,7 @@ PYBIND11_MODULE(_cuda_emulator, m) {
   m.attr("THREADS") = launch::kThreads;
   m.attr("CHUNKS_PER_THREAD") = launch::kChunksPerThread;
   m.attr("MAX_GRID") = launch::kMaxGrid;
+  emulator::register_norm_emulator(m);
   m.def("run", &run, py::arg("shortcut_ptr"), py::arg("input_ptr"), py::arg("out_ptr"),
         py::arg("outer"), py::arg("batch"), py::arg("inner"), py::arg("dtype"),
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),

@@ -1,8 +1,9 @@
 // What every kernel body in cuda/ shares: the block/thread index they take as a parameter, the
-// 16-byte Packed vector (host and device), the streaming load, and the Philox draw cache. A kernel
-// is a struct K with Args, Shared (its __shared__ memory), Thread (per-thread values that live
-// across a barrier), kPhases, and phase(i, ...): run_kernel<K> (the __global__ wrapper, in
-// drop_path.cu) and emulate<K> (emulator.cu) both run the phases with a barrier between them.
+// 16-byte Packed vector (host and device), the streaming load, the Philox draw cache, and the
+// arguments of the op's kernels (KernelParams). A kernel is a struct K with Args, Shared (its
+// __shared__ memory), Thread (per-thread values that live across a barrier), kPhases, and phase(i,
+// ...): run_kernel<K> (the __global__ wrapper, in drop_path.cu) and emulate<K> (emulator.cu) both
+// run the phases with a barrier between them.
 #pragma once
 #include <cuda_runtime.h>  // uint4 and the CUDA keywords (host-callable too)
 
@@ -19,6 +20,28 @@
 #endif
 
 namespace stochdepth {
+
+// The arguments of the op's kernels (dense and compact), by value: the call's parameters as the
+// host derived them (params.h), and what the launch configuration (launch_config.h) adds for the
+// kernel body. The kernels read the call from `p` only, so a new per-call input is one field of
+// DropPathParams for the CPU and CUDA paths alike.
+struct KernelParams {
+  DropPathParams p;
+  int64_t numel;  // p.numel(), once: recomputed, it grew DenseKernel<__half, 1> by 21% (SASS)
+  int32_t lead;   // dense: launch::DenseConfig::lead (< 16 elements); 0 for compact
+  // p.shortcut is p.out. Derived in the kernel instead, DenseKernel<float, 4> (sm_90) and
+  // DenseKernel<double, 2> (sm_120) spilled.
+  bool in_place;
+};
+// Measured with nvcc 13 for sm_90: a kernel argument of 136 bytes (against 128) made the compiler
+// read it through a pointer held in a register, and DenseKernel<float, 4> spilled 56 bytes. At 120
+// bytes there is room for one more pointer.
+static_assert(sizeof(KernelParams) <= 128, "kernel arguments over 128 bytes spill (see above)");
+
+inline KernelParams kernel_params(const DropPathParams& p, int64_t lead) {
+  return KernelParams{p, p.numel(), static_cast<int32_t>(lead),
+                      p.shortcut != nullptr && p.shortcut == p.out};
+}
 
 struct Idx {
   uint32_t block;   // blockIdx.x

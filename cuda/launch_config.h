@@ -26,7 +26,8 @@ constexpr int64_t kMaxGrid = INT_MAX;
 // Elements a block covers: kThreads * kChunksPerThread chunks of `vec` elements.
 constexpr int64_t tile_elems(int vec) { return int64_t{kThreads} * kChunksPerThread * vec; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// constexpr: the compact kernel calls it too (nvcc --expt-relaxed-constexpr).
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline uint32_t checked_grid(int64_t blocks, int64_t work, const char* what) {
   if (blocks > kMaxGrid) {

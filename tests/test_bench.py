@@ -20,8 +20,20 @@ import sys
 
 import pytest
 import stochdepth.bench as bench
-from stochdepth.bench import ceiling, machine, report, timing
-from stochdepth.bench.cases import PRIMITIVE_TENSORS, ceiling_models
+from stochdepth.bench import (
+    anchors,
+    ceiling,
+    cli,
+    cpu_rows,
+    cuda_rows,
+    jax_rows,
+    keras_rows,
+    machine,
+    report,
+    timing,
+)
+from stochdepth.bench.cases import OPS, PRIMITIVE_TENSORS, ceiling_models
+from stochdepth.bench.rows import Row, Section
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_PLOTLY = importlib.util.find_spec("plotly") is not None
@@ -181,8 +193,8 @@ def test_quick_small_cpu(tmp_path):
 
 def test_custom_cases_without_torch(tmp_path):
     """Custom AxBxC:dtype cases, float64 and float16, --ops, and the NumPy-only path."""
-    data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--ops", "fwd,bwd", "--rounds", "2",
-                        "--cases", "3x5:float64,4x7x3:float16")
+    data, proc = run_bench(tmp_path, "--quick", "--no-torch", "--ops", "fwd,bwd", "--rounds",
+                           "2", "--cases", "3x5:float64,4x7x3:float16")
     check_common(data)
     assert [(c["shape"], c["dtype"]) for c in data["cases"]] == [
         ([3, 5], "float64"), ([4, 7, 3], "float16")]
@@ -202,6 +214,11 @@ def test_custom_cases_without_torch(tmp_path):
     assert list(prims16["copy"]["impls"]) == ["stochdepth _core.stream_copy",
                                               "np.copyto (1 thread)"]
     assert data["config"]["skipped"]["torch"] == "disabled by --no-torch"
+    # The frameworks and sections left out say why, in the header.
+    assert "torch: not used (disabled by --no-torch)" in proc.stdout
+    assert ("Keras rows (torch backend): skipped (needs torch, disabled by --no-torch)"
+            in proc.stdout)
+    assert "JAX rows: skipped" not in proc.stdout and "jax" in data
 
 
 def test_compare_isas_rows(tmp_path):
@@ -353,8 +370,8 @@ def test_interleave_times_every_entry_in_every_round():
 def test_op_ceiling_is_the_best_implementation_in_the_ops_mix():
     t = 1e6  # bytes per tensor; a primitive at 1 ms per tensor moved = 1 GB/s per tensor
     s = lambda ms: {"median_ms": ms}  # noqa: E731
-    summaries = {"ceiling:copy:a": s(2.0), "ceiling:copy:b": s(1.0), "ceiling:copy:c":
-                 {"error": "x"}, "ceiling:fill:a": s(0.25), "ceiling:fill:b": s(0.5)}
+    summaries = {"copy": {"a": s(2.0), "b": s(1.0), "c": {"error": "x"}},
+                 "fill": {"a": s(0.25), "b": s(0.5)}}
     k = 0.75
     nbytes = bench.op_bytes("bwd", 1e6, 1, k)
     c = ceiling.op_ceiling("bwd", k, t, nbytes, summaries)
@@ -364,7 +381,7 @@ def test_op_ceiling_is_the_best_implementation_in_the_ops_mix():
     assert c["model"] == "copy on kept rows, fill on dropped"
     assert c["ms"] == pytest.approx(0.8125) and c["gbps"] == pytest.approx(nbytes / 0.8125e6)
     # With only copies measured, the copy-rate model stands alone; the other says what it lacks.
-    only_copy = {k2: v for k2, v in summaries.items() if ":copy:" in k2}
+    only_copy = {"copy": summaries["copy"]}
     c = ceiling.op_ceiling("bwd", k, t, nbytes, only_copy)
     assert c["model"] == "copy rate" and c["ms"] == pytest.approx(0.875)
     assert [m.get("missing") for m in c["models"]] == [None, ["fill"]]
@@ -395,21 +412,24 @@ def test_unknown_case_is_a_clear_error():
         bench.parse_case("nope")
     with pytest.raises(SystemExit, match="AxBxC:dtype"):
         bench.parse_case("3x0:float32")
-    assert bench.parse_case("2x3:bfloat16")[1:3] == ((2, 3), "bfloat16")
+    case = bench.parse_case("2x3:bfloat16", p=0.5)
+    assert (case.shape, case.dtype, case.what, case.p, case.n_elems) == (
+        (2, 3), "bfloat16", "custom", 0.5, 6)
 
 
 def test_default_cases_grow_past_twice_the_llc():
     mib = 2**20
-    assert bench.parse_case("big-f32", 32 * mib, 0.8)[1] == (256, 197, 768)  # already past
-    _, shape, dtype, what = bench.parse_case("big-f32", 300 * mib, 0.8, 64 * 2**30)
-    assert shape[0] % 64 == 0 and shape[0] > 256 and "grown to" in what
+    assert bench.parse_case("big-f32", 32 * mib, 0.8).shape == (256, 197, 768)  # already past
+    case = bench.parse_case("big-f32", 300 * mib, 0.8, 64 * 2**30)
+    shape = case.shape
+    assert shape[0] % 64 == 0 and shape[0] > 256 and "grown to" in case.what
     tensor = math.prod(shape) * 4
     assert min(bench.op_bytes(op, 1, tensor, 0.8) for op in bench.OPS["cpu"]) > 600 * mib
     assert bench.op_bytes("bwd", 1, tensor * (shape[0] - 64) / shape[0], 0.8) < 600 * mib
     # Memory caps the growth (a tensor at most a sixteenth of what is available).
-    assert bench.parse_case("big-bf16", 300 * mib, 0.8, 2 * 2**30)[1][0] == 512
-    capped = bench.parse_case("big-bf16", 300 * mib, 0.8, 16 * 640 * 197 * 768 * 2)[1]
-    assert capped[0] == 640 and bench.parse_case("big-bf16", 300 * mib, 0.8)[1][0] > 640
+    assert bench.parse_case("big-bf16", 300 * mib, 0.8, 2 * 2**30).shape[0] == 512
+    capped = bench.parse_case("big-bf16", 300 * mib, 0.8, 16 * 640 * 197 * 768 * 2).shape
+    assert capped[0] == 640 and bench.parse_case("big-bf16", 300 * mib, 0.8).shape[0] > 640
 
 
 def test_llc_and_sizes_are_read():
@@ -444,3 +464,133 @@ def test_plot_from_saved_results(tmp_path):
     has_kaleido = importlib.util.find_spec("kaleido") is not None
     written = tmp_path / ("p.png" if has_kaleido else "p.html")
     assert written.stat().st_size > 0
+
+
+# -- the structure: Case, Row and Section objects (stochdepth.bench.rows)
+ROW_LISTS = {"cpu_rows": cpu_rows.ROWS, "cuda_rows": cuda_rows.ROWS, "anchors": anchors.ROWS,
+             "ceiling": ceiling.ROWS, "jax_rows": jax_rows.ROWS,
+             "jax_rows.KERAS_ROWS": jax_rows.KERAS_ROWS, "keras_rows": keras_rows.ROWS}
+PRIMITIVES = set(PRIMITIVE_TENSORS)
+
+
+@pytest.mark.parametrize("module", list(ROW_LISTS))
+def test_every_exported_row_is_a_row_with_a_unique_name(module):
+    """Within a module and device (and for the ceiling, a primitive), names are unique: they are
+    the rows' keys in the JSON. Every op a row builds is an op of one of its devices."""
+    rows = ROW_LISTS[module]
+    assert rows and all(isinstance(r, Row) for r in rows)
+    seen = set()
+    for r in rows:
+        for device in r.devices:
+            for op in r.ops:
+                assert (device, op, r.name) not in seen, (module, device, op, r.name)
+                seen.add((device, op, r.name))
+        assert r.ops and all(callable(b) for b in r.ops.values()), r.name
+        assert (r.anchor is None) == r.ours or module == "ceiling", r.name
+        if module == "ceiling":
+            assert len(r.ops) == 1 and set(r.ops) <= PRIMITIVES and r.anchor is None, r.name
+        elif module in ("cpu_rows", "cuda_rows", "anchors"):
+            valid = set().union(*(OPS[d] for d in r.devices))
+            assert set(r.ops) <= valid, (r.name, set(r.ops) - valid)
+    if module in ("cpu_rows", "cuda_rows", "anchors"):  # the tables: one name per device
+        names = [(d, r.name) for r in rows for d in r.devices]
+        assert len(names) == len(set(names))
+
+
+def test_anchor_rows_are_the_tables_columns():
+    assert [r.anchor for r in anchors.ROWS] == ["numpy", "torchvision", "timm", "compile"]
+    assert all(r.column and r.column.startswith("vs ") for r in anchors.ROWS)
+    assert [r.name for r in cli.OP_ROWS if "cuda" in r.devices and r.anchor] == [
+        "tv", "timm", "compile"]
+
+
+def test_rows_of_an_op_in_table_order():
+    """What each op's table lists (when everything is available), in order: the library's rows,
+    then the anchors."""
+    def names(device, op):
+        return [r.name for r in cli.OP_ROWS
+                if r.skipped(device, op, "float32", lambda framework: None) is None]
+
+    assert names("cpu", "fwd") == ["sd", "sd_torch", "sd_adapter", "numpy", "tv", "timm",
+                                   "compile"]
+    assert names("cpu", "fwd_out") == ["sd", "sd_raw", "sd_torch", "numpy", "tv", "timm",
+                                       "compile"]
+    assert names("cpu", "bwd") == ["sd", "sd_out", "sd_torch", "sd_adapter", "numpy", "tv",
+                                   "timm", "compile"]
+    assert names("cuda", "fwd") == ["sd_out", "sd_alloc", "sd_raw", "sd_adapter", "tv", "timm",
+                                    "compile"]
+    assert names("cuda", "fwdbwd") == ["sd_out", "sd_alloc", "sd_adapter", "tv", "timm",
+                                       "compile"]
+
+
+def test_row_skipped_says_why():
+    row = next(r for r in anchors.ROWS if r.name == "tv")
+    why = {"torch": "disabled by --no-torch"}.get
+    assert row.skipped("cpu", "fwd", "float32", why) == "disabled by --no-torch"
+    assert row.skipped("cpu", "fwdbwd", "float32", lambda f: None) is None  # the op is its own
+    numpy_row = next(r for r in anchors.ROWS if r.name == "numpy")
+    assert numpy_row.skipped("cuda", "fwd", "float32", why) == "not on cuda"
+    assert numpy_row.skipped("cpu", "fwdbwd", "float32", why) == "no fwdbwd"
+    add = next(r for r in ceiling.ROWS if r.name == "np.add(out=) (1 thread)")
+    assert add.skipped("cpu", "add", "bfloat16", why) == "not for bfloat16"
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_disabled_frameworks_rows_are_left_out():
+    env = cli.Env(cli.parse_args(["--no-adapter", "--no-compile", "--compare-isas", "none"]))
+    assert env.unavailable("stochdepth.torch") == "disabled by --no-adapter"
+    assert env.unavailable("torch.compile") == "disabled by --no-compile"
+    assert env.unavailable("torch") is None and env.unavailable("numpy") is None
+    case = bench.parse_case("small")
+    assert [r.name for r in cli._rows(env, case, "bwd")] == [
+        "sd", "sd_out", "sd_torch", "numpy", "tv", "timm"]
+    env = cli.Env(cli.parse_args(["--no-torch"]))
+    assert env.unavailable("stochdepth.torch") == "needs torch"
+    assert [r.name for r in cli._rows(env, case, "fwd")][:1] == ["sd"]
+    assert {"sd_torch", "tv", "timm", "compile"}.isdisjoint(
+        r.name for r in cli._rows(env, case, "fwd"))
+    assert [p for p, _ in cli._ceiling_rows(env, bench.parse_case("3x5:float16"), "fwd")] == [
+        "copy", "copy", "add"]  # NumPy's float16 add left out, no torch
+
+
+def test_a_new_row_and_a_new_section_plug_in(monkeypatch, capsys):
+    """One Row object in the rows list puts it in the table and the JSON; one Section object in
+    SECTIONS runs it and stores its results under its key."""
+    def fwd(d):
+        sc, r = d.shortcut, d.residual
+        return (lambda: sc - r), None
+
+    extra = Row("extra", "an extra row", framework="numpy", ops={"fwd": fwd})
+    ran = []
+    section = Section(key="extra_section", title="Extra rows", devices=("cpu",),
+                      skipped=lambda args: None, run=lambda args: ran.append(args) or {"n": 1})
+    monkeypatch.setattr(cli, "OP_ROWS", cli.OP_ROWS + [extra])
+    monkeypatch.setattr(cli, "SECTIONS", [section])
+    args = cli.parse_args(["--quick", "--no-torch", "--no-progress", "--cases", "3x5:float32",
+                           "--ops", "fwd", "--rounds", "2", "--compare-isas", "none"])
+    results, failures = cli.run(args)
+    assert failures == [] and results["extra_section"] == {"n": 1} and len(ran) == 1
+    rows = {r["impl"]: r for r in results["cases"][0]["ops"]["fwd"]["rows"]}
+    assert list(rows) == ["sd", "numpy", "extra"]
+    check_row(rows["extra"], 2)
+    assert rows["extra"]["label"] == "an extra row" and rows["extra"]["anchor"] is None
+    assert "row:extra" in results["cases"][0]["ops"]["fwd"]["round_order"][0]
+    assert "an extra row" in capsys.readouterr().out
+
+
+def test_a_failing_row_of_ours_fails_the_run(monkeypatch, capsys):
+    def broken(d):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(cli, "OP_ROWS", cli.OP_ROWS + [
+        Row("ours_broken", "ours, broken", framework="numpy", ours=True, ops={"fwd": broken}),
+        Row("anchor_broken", "anchor, broken", framework="numpy", anchor="broken",
+            column="vs broken", ops={"fwd": broken})])
+    monkeypatch.setattr(cli, "SECTIONS", [])
+    args = cli.parse_args(["--quick", "--no-torch", "--no-progress", "--cases", "3x5:float32",
+                           "--ops", "fwd", "--rounds", "2", "--compare-isas", "none"])
+    results, failures = cli.run(args)
+    assert failures == ["3x5:float32/fwd/ours, broken: RuntimeError: no such kernel"]
+    rows = {r["impl"]: r for r in results["cases"][0]["ops"]["fwd"]["rows"]}
+    assert rows["anchor_broken"]["error"] == "RuntimeError: no such kernel"
+    assert "ours, broken: FAILED: RuntimeError: no such kernel" in capsys.readouterr().out

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
     pytest.skip("torch without CUDA", allow_module_level=True)
 
 import stochdepth.torch as sdt  # noqa: E402
-from stochdepth.torch import _rng  # noqa: E402
+from stochdepth.torch import _keys, _seeded  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -81,14 +81,15 @@ def _record_draws(monkeypatch):
     """The words tensors drawn on the device: graph memory, so after a replay they hold the
     words that replay drew."""
     drawn = []
-    original = _rng.draw_on_device
+    original = _keys.draw_on_device
 
     def recording(generator, like):
         w = original(generator, like)
         drawn.append(w)
         return w
 
-    monkeypatch.setattr(_rng, "draw_on_device", recording)
+    for module in (_keys, _seeded):  # a function's draw and an unseeded module's
+        monkeypatch.setattr(module, "draw_on_device", recording)
     return drawn
 
 

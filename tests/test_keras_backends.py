@@ -52,6 +52,9 @@ ALLOWED_SKIPS = [
      "CUDA tests where there is no CUDA device"),
     ({"jax", "tensorflow", "torch"}, r"kerasfactory", r"could not import 'kerasfactory",
      not _installed("kerasfactory"), "the kerasfactory comparisons where it is not installed"),
+    ({"jax", "tensorflow"}, r"test_remat_training_equals_plain_training",
+     r"RematScope with a seeded layer fails", True,
+     "Keras's rematerialisation fails there for any seeded layer, its own Dropout included"),
 ]
 
 

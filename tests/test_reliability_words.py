@@ -247,6 +247,7 @@ def test_words_tensor_behind_run_raw_stays_alive_until_the_kernel_is_queued(monk
     # kernel, fresh allocations of the same size must not land on the words.
     torch = pytest.importorskip("torch")
     from stochdepth.torch import _kernels
+    from stochdepth.torch._keys import Key
 
     real = _kernels._core.run_raw
     seen = []
@@ -260,13 +261,14 @@ def test_words_tensor_behind_run_raw_stays_alive_until_the_kernel_is_queued(monk
     monkeypatch.setattr(_kernels._core, "run_raw", run_raw)
     x = torch.ones(64, 3)
     strided = torch.tensor([5, 0, 7, 0])[::2]  # [5, 7], not contiguous: copied for the kernel
-    got = _kernels.forward(None, x, strided, 0.5, True, False, 0, "training", -1)
+    got = _kernels.forward(None, x, Key(words=strided), 0.5, True, False, 0, "training", -1)
     assert seen and seen[0] != 0
     np.testing.assert_array_equal(got.numpy(), stochdepth.forward(None, x.numpy(), 0.5, seed=5,
                                                                  offset=7, scaling="training"))
     with pytest.raises(ValueError, match=r"the words \[seed, offset\] must be an int64 tensor "
                                          r"of shape \(2,\)"):
-        _kernels.forward(None, x, torch.tensor([5]), 0.5, True, False, 0, "training", -1)
+        _kernels.forward(None, x, Key(words=torch.tensor([5])), 0.5, True, False, 0, "training",
+                         -1)
 
 
 @pytest.mark.cuda

@@ -234,35 +234,34 @@ def test_emulated_compact_kernels_words_equal_arguments(emu, mode, batch, inner)
 
 def test_rank_words_is_rank_seed_on_the_words():
     torch = pytest.importorskip("torch")
-    from stochdepth.torch import _rng
+    from stochdepth.torch import _keys
 
     for seed in [0, 1, 2**63, 2**64 - 1, SEED]:
         for rank in [-1, 0, 1, 7, 1023]:
-            w = _rng.Rng(seed, OFFSET).tensor()
-            got = _rng.Rng.of(_rng.rank_words(w, rank))
-            assert got == _rng.Rng(seed, OFFSET).for_rank(rank)
-            assert _rng.Rng.of(w) == _rng.Rng(seed, OFFSET)  # the input is left alone
-    assert torch.equal(_rng.rank_words(w, -1), w)
+            w = _keys.Rng(seed, OFFSET).tensor()
+            got = _keys.Rng.of(_keys.rank_words(w, rank))
+            assert got == _keys.Rng(seed, OFFSET).for_rank(rank)
+            assert _keys.Rng.of(w) == _keys.Rng(seed, OFFSET)  # the input is left alone
+    assert torch.equal(_keys.rank_words(w, -1), w)
 
 
-def test_as_key_reads_cpu_words_and_keeps_others():
+def test_key_of_reads_cpu_words():
     torch = pytest.importorskip("torch")
-    from stochdepth.torch import _rng
+    from stochdepth.torch import _keys
 
-    assert _rng.as_key(None) is None
-    r = _rng.Rng(3, 4)
-    assert _rng.as_key(r) is r
-    assert _rng.as_key(r.tensor()) == r
-    assert not _rng.capturing(torch.ones(2))  # a CPU tensor never captures
+    r = _keys.Rng(3, 4)
+    assert _keys.Key.of(r.tensor()) == _keys.Key(3, 4)  # read on the host: no words kept
+    assert _keys.Key.of(torch.tensor([3, 4], dtype=torch.uint64)) == _keys.Key(3, 4)
+    assert not _keys.capturing(torch.ones(2))  # a CPU tensor never captures
 
 
 def test_a_cpu_generator_is_refused_for_a_device_draw():
     torch = pytest.importorskip("torch")
-    from stochdepth.torch import _rng
+    from stochdepth.torch import _keys
 
     with pytest.raises(ValueError, match="a CPU generator cannot draw the mask inside a CUDA "
                                          "graph capture"):
-        _rng.draw_on_device(torch.Generator(), torch.ones(2))
+        _keys.draw_on_device(torch.Generator(), torch.ones(2))
 
 
 def test_write_device_words_on_the_cpu():

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
-from stochdepth.torch import _kernels, _rng  # noqa: E402
+from stochdepth.torch import _kernels, _seeded  # noqa: E402
 from torch_util import DTYPES, assert_same, count_saved, randn, to_numpy  # noqa: E402
 
 import stochdepth  # noqa: E402
@@ -218,7 +218,7 @@ def test_opcheck():
     rng = torch.tensor([3, 1], dtype=torch.int64)
     torch.library.opcheck(sdt.drop_path_bwd, (g, rng, 0.5, True, False, 0, "training", -1))
     torch.library.opcheck(sdt.drop_path_bwd, (g, None, 0.5, False, False, 0, "inference", -1))
-    torch.library.opcheck(_rng.rng_snapshot, (rng,))
+    torch.library.opcheck(_seeded.rng_snapshot, (rng,))
 
 
 def test_gradcheck_float64():

@@ -5,8 +5,8 @@ comes from the graph's private pool, which can hand it to a temporary freed earl
 capture, and that temporary would overwrite the words on every replay. It is reserved by
 `.to(device)` / `.cuda()` (`_apply`) or by the first eager call on the device, and written when a
 capture first needs the words; a capture that finds none reserved is refused. Here "CUDA" and
-"capturing" are stand-ins (`_rng.on_cuda`, `_rng.capturing`) and the device write is a host
-memmove, so the module's own logic runs unchanged on CPU tensors.
+"capturing" are stand-ins (`on_cuda`, `capturing` in `_seeded` and `_keys`) and the device write
+is a host memmove, so the module's own logic runs unchanged on CPU tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
-from stochdepth.torch import _rng  # noqa: E402
+from stochdepth.torch import _keys, _seeded  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -29,13 +29,15 @@ def fake_cuda(monkeypatch):
     """Every tensor counts as CUDA; `state["capturing"]` says whether a capture is under way.
     Returns the state, with "made": the capturing flag at each allocation of words' memory."""
     state = {"capturing": False, "made": []}
-    monkeypatch.setattr(_rng, "on_cuda", lambda t: t is not None)
-    monkeypatch.setattr(_rng, "capturing", lambda t: t is not None and state["capturing"])
+    for module in (_keys, _seeded):  # the key arithmetic and the module state both ask
+        monkeypatch.setattr(module, "on_cuda", lambda t: t is not None)
+        monkeypatch.setattr(module, "capturing",
+                            lambda t: t is not None and state["capturing"])
 
     def write_words(ptr, seed, offset, device):
         ctypes.memmove(ptr, struct.pack("<QQ", seed, offset), 16)
 
-    monkeypatch.setattr(_rng._core, "write_device_words", write_words)
+    monkeypatch.setattr(_seeded._core, "write_device_words", write_words)
     empty = torch.empty
 
     def recording_empty(*size, **kw):
@@ -47,19 +49,21 @@ def fake_cuda(monkeypatch):
     return state
 
 
-def words_of(rng):
-    return [w & (2**64 - 1) for w in rng.tolist()]
+def words_of(key):
+    return [w & (2**64 - 1) for w in key.words.tolist()]
 
 
 def test_the_first_eager_call_reserves_the_words_and_a_capture_uses_them(fake_cuda):
     drop = sdt.DropPath(0.5, seed=21)
     x = torch.ones(8, 3)
-    assert drop._next_rng(x) == (21, 0)  # eager: the host pair, the words' memory reserved
+    # eager: the host pair, the words' memory reserved
+    assert drop._next_rng(x, True) == (21, 0, None)
     assert fake_cuda["made"] == [False] and getattr(drop, "_rng_device", None) is None
     spare = drop._rng_spare
     fake_cuda["capturing"] = True
-    assert words_of(drop._next_rng(x)) == [21, 1]  # written from the host state, then advanced
-    assert words_of(drop._next_rng(x)) == [21, 2]
+    # written from the host state, then advanced
+    assert words_of(drop._next_rng(x, True)) == [21, 1]
+    assert words_of(drop._next_rng(x, True)) == [21, 2]
     assert fake_cuda["made"] == [False] and drop._rng_device is spare  # nothing allocated here
     fake_cuda["capturing"] = False
     assert drop.offset == 3
@@ -70,7 +74,7 @@ def test_moving_the_module_makes_the_words(fake_cuda):
     assert drop.to(torch.float64) is drop  # _apply, with a probe that counts as a CUDA tensor
     assert fake_cuda["made"] == [False]
     fake_cuda["capturing"] = True
-    assert words_of(drop._next_rng(torch.ones(4, 2))) == [5, 0]
+    assert words_of(drop._next_rng(torch.ones(4, 2), True)) == [5, 0]
     assert fake_cuda["made"] == [False]
 
 
@@ -78,7 +82,7 @@ def test_a_capture_without_words_is_refused(fake_cuda):
     drop = sdt.DropPath(0.5, seed=9)
     fake_cuda["capturing"] = True
     with pytest.raises(RuntimeError, match=r"DropPath\(seed=9\).*\.to\(device\).*eagerly"):
-        drop._next_rng(torch.ones(4, 2))
+        drop._next_rng(torch.ones(4, 2), True)
     assert fake_cuda["made"] == []
     assert drop.offset == 0  # nothing was used up
 

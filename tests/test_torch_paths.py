@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
 from stochdepth.torch import _mode as mode  # noqa: E402
-from stochdepth.torch import _ops, _rng  # noqa: E402
-from stochdepth.torch._rng import Rng  # noqa: E402
+from stochdepth.torch import _ops  # noqa: E402
+from stochdepth.torch._keys import Key, Rng  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch_util import assert_same, randn, saved_tensors, to_numpy  # noqa: E402
 
@@ -128,16 +128,17 @@ def test_compact_ops_same_bits_and_gradients_on_both_paths(scaling):
     assert_same(out, sdt.stochastic_depth(x, branch, p, seed=seed, offset=offset,
                                           scaling=scaling))
 
-    # The ops one by one, first and second order: gather's adjoint is scatter and back.
-    rng = Rng(seed, offset)
-
+    # The ops one by one, first and second order: gather's adjoint is scatter and back. Each
+    # call takes the path its caller chose, with the pair in that path's form.
     def ops_case():
         full = randn((batch, 3), torch.float64, 5).requires_grad_()
-        kept = _ops.gather(full, rng, p, False, scaling, n_kept)
+        eager = mode.eager(full)
+        key = Key(seed, offset) if eager else Rng(seed, offset).tensor()
+        kept = _ops.gather(eager, full, key, p, False, scaling, n_kept)
         g = randn(kept.shape, torch.float64, 6).requires_grad_()
         (g_full,) = torch.autograd.grad(kept, full, g, create_graph=True)
         (gg,) = torch.autograd.grad(g_full, g, randn(g_full.shape, torch.float64, 7))
-        back = _ops.scatter(None, kept, rng, p, False, scaling, batch)
+        back = _ops.scatter(eager, None, kept, key, p, False, scaling, batch)
         return kept, g_full, gg, back
 
     _both_paths(ops_case)
@@ -292,10 +293,11 @@ def test_rng_round_trip_and_rank():
         r = Rng(seed, offset)
         t = r.tensor()
         assert t.dtype == torch.int64 and t.shape == (2,)
-        assert Rng.of(t) == r and _rng.as_host(t) == r and _rng.as_tensor(r).tolist() == t.tolist()
-        assert r.for_rank(-1) is r
+        assert Rng.of(t) == r and Key.of(t) == Key(seed, offset)
+        assert Key(seed, offset).tensor().tolist() == t.tolist()
+        assert r.for_rank(-1) is r and Key(*r).for_rank(-1) == Key(*r)
         assert r.for_rank(3) == Rng(sdt.rank_seed(seed, 3), offset)
-    assert _rng.as_host(None) is None and _rng.as_tensor(None) is None
+        assert Key(*r).for_rank(3) == Key(*r.for_rank(3))
 
 
 def test_forcing_the_op_path_in_plain_eager(monkeypatch):

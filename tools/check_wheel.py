@@ -1,4 +1,4 @@
-"""Check a repaired stochdepth wheel: the extension needs only system libraries.
+"""Check a repaired stochdepth wheel: the extension needs only system libraries, glibc <= 2.28.
 
     python tools/check_wheel.py WHEEL {cuda,cpu}
 
@@ -6,7 +6,10 @@ Run by tools/build-dist with the .venv-dist interpreter (pyelftools comes with a
 Fails when auditwheel grafted a library into the wheel, when the extension's NEEDED list holds
 anything beyond glibc, libgcc_s and libstdc++ (the CUDA runtime must be linked statically), or
 when the flavour is wrong: the CUDA wheel's static runtime must load the driver (libcuda.so.1)
-at run time, and the CPU-only wheel must hold no CUDA code at all. Prints what it read.
+at run time, and the CPU-only wheel must hold no CUDA code at all. The glibc floor
+(docs/releasing.md, "Wheel compatibility"): the file name's platform tags are manylinux_2_28 or
+lower, and no module in it needs a GLIBC version above 2.28 or leaves a symbol other than
+Python's undefined without a version (one the link-time glibc 2.28 lacked). Prints what it read.
 """
 
 import io
@@ -16,6 +19,9 @@ import zipfile
 
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
+
+# The glibc floor the wheels are built for: manylinux_2_28 (tools/glibc-floor-libs).
+GLIBC_FLOOR = (2, 28)
 
 # What every manylinux policy lets a wheel take from the system (auditwheel's whitelist, the
 # part an extension like this one can need).
@@ -41,6 +47,43 @@ def _needed_and_versions(data):
     return needed, versions
 
 
+def _unversioned_undefined(data):
+    """Undefined symbols bound to no version, but Python's (the interpreter provides them) and
+    weak ones (allowed to stay unresolved)."""
+    elf = ELFFile(io.BytesIO(data))
+    dynsym = elf.get_section_by_name(".dynsym")
+    gnu_version = elf.get_section_by_name(".gnu.version")
+    names = []
+    for i, sym in enumerate(dynsym.iter_symbols()):
+        if sym["st_shndx"] != "SHN_UNDEF" or not sym.name or sym["st_info"]["bind"] == "STB_WEAK":
+            continue
+        versioned = gnu_version is not None and isinstance(gnu_version.get_symbol(i)["ndx"], int)
+        if not versioned and not sym.name.startswith(("Py", "_Py")):
+            names.append(sym.name)
+    return names
+
+
+def _floor_problems(path, modules):
+    """The glibc floor: the wheel's platform tags and what each module needs (modules: name ->
+    ELF bytes)."""
+    problems = []
+    floor = f"manylinux_{GLIBC_FLOOR[0]}_{GLIBC_FLOOR[1]}"
+    platforms = path.rsplit("/", 1)[-1].removesuffix(".whl").split("-")[-1].split(".")
+    for platform in platforms:
+        m = re.fullmatch(r"manylinux_(\d+)_(\d+)_x86_64", platform)
+        if not m or (int(m.group(1)), int(m.group(2))) > GLIBC_FLOOR:
+            problems.append(f"platform tag {platform} is not {floor} or lower")
+    for name, data in modules.items():
+        _, versions = _needed_and_versions(data)
+        if versions.get("GLIBC", (0,)) > GLIBC_FLOOR:
+            glibc = ".".join(map(str, versions["GLIBC"]))
+            problems.append(f"{name} needs GLIBC_{glibc}, above the {floor} floor")
+        loose = _unversioned_undefined(data)
+        if loose:
+            problems.append(f"{name} leaves symbols undefined without a version: {loose}")
+    return problems
+
+
 def main(path, flavour):
     with zipfile.ZipFile(path) as whl:
         names = whl.namelist()
@@ -49,10 +92,11 @@ def main(path, flavour):
         if len(cores) != 1:
             raise SystemExit(f"{path}: expected one stochdepth/_core*.so, found {cores}")
         data = whl.read(cores[0])
+        modules = {n: whl.read(n) for n in names if n.endswith(".so")}
     needed, versions = _needed_and_versions(data)
     newest = ", ".join(f"{k}_{'.'.join(map(str, v))}" for k, v in sorted(versions.items()))
     print(f"check_wheel: {cores[0]}\n  NEEDED: {', '.join(needed)}\n  newest versions: {newest}")
-    problems = []
+    problems = _floor_problems(path, modules)
     if grafted:
         problems.append(f"auditwheel grafted libraries into the wheel: {grafted}")
     test_only = [n for n in names if n.startswith("stochdepth/_cuda_emulator")]
@@ -70,7 +114,8 @@ def main(path, flavour):
     if problems:
         raise SystemExit(f"check_wheel: {path}:\n  " + "\n  ".join(problems))
     loaded = "libcuda.so.1 is loaded at run time (static CUDA runtime)" if has_cuda else "no CUDA"
-    print(f"  ok: only system libraries, nothing grafted, {loaded}")
+    print(f"  ok: only system libraries, nothing grafted, {loaded}; "
+          f"glibc <= {'.'.join(map(str, GLIBC_FLOOR))} in {', '.join(sorted(modules))}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as _np
 
 from . import _core, reference
 from ._core import Array
+from ._norm import backward_norm, forward_norm
 
 # build_info() reads every environment setting (STOCHDEPTH_CPU, STOCHDEPTH_NUM_THREADS,
 # STOCHDEPTH_CACHE_MB): a bad value fails the import with a ValueError naming the variable
@@ -30,6 +31,8 @@ __all__ = [
     "forward",
     "backward",
     "mask",
+    "forward_norm",
+    "backward_norm",
     "build_info",
     "set_num_threads",
     "get_num_threads",

@@ -121,6 +121,43 @@ def mask(
     batch: int, survival_prob: float, seed: int, offset: int, mode: str
 ) -> npt.NDArray[np.bool_]: ...
 
+# ---- the fused residual and norm (docs/design.md, "Fused residual and norm")
+
+def forward_norm(
+    shortcut: _ArrayIn,
+    residual: _ArrayIn,
+    survival_prob: float,
+    weight: Optional[_ArrayIn],
+    bias: Optional[_ArrayIn],
+    norm: str,
+    eps: float,
+    gamma: Optional[_ArrayIn],
+    training: bool,
+    seed: Optional[int],
+    offset: int,
+    mode: str,
+    scaling: str,
+    stream: Optional[int],
+) -> Tuple[Any, Any]: ...
+def backward_norm(
+    grad_y: _ArrayIn,
+    grad_n: _ArrayIn,
+    y: _ArrayIn,
+    residual: Optional[_ArrayIn],
+    survival_prob: float,
+    weight: Optional[_ArrayIn],
+    bias: Optional[_ArrayIn],
+    norm: str,
+    eps: float,
+    gamma: Optional[_ArrayIn],
+    training: bool,
+    seed: Optional[int],
+    offset: int,
+    mode: str,
+    scaling: str,
+    stream: Optional[int],
+) -> Tuple[Any, Any, Any, Any, Any]: ...
+
 # ---- raw entries: pointers as integers, device < 0 for the CPU else a CUDA ordinal
 
 def run_raw(

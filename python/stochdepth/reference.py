@@ -22,6 +22,8 @@ __all__ = [
     "backward",
     "forward_kept",
     "backward_kept",
+    "forward_norm",
+    "backward_norm",
 ]
 
 # Random123's Philox4x32 constants (PHILOX_M4x32_0/1, PHILOX_W32_0/1).
@@ -201,3 +203,172 @@ def backward_kept(grad_out, survival_prob, *, seed=0, offset=0, mode="row", axis
     _, grad_residual = backward(grad_out, survival_prob, training=True, seed=seed, offset=offset,
                                 mode=mode, axis=axis, scaling=scaling)
     return np.take(grad_residual, np.flatnonzero(keep), axis=axis)
+
+
+# ---- the fused residual and norm (docs/design.md, "Fused residual and norm")
+
+_LANES = 16  # row sums: 16 lane accumulators, then a fixed tree
+_ROW_BLOCK = 64  # column sums: blocks of 64 rows, combined in block order
+
+
+def _row_sums(x):
+    """Sum of each row of `x` (rows, C) in the pinned order: lane j (0 <= j < 16) adds the
+    elements j, j + 16, j + 32, ... in index order to +0; then for h in 8, 4, 2, 1:
+    lane[j] += lane[j + h] for j < h. Every add is rounded to x's dtype."""
+    rows, c = x.shape
+    steps = -(-c // _LANES)
+    # Padding with +0 adds nothing: a lane that starts at +0 is never -0, and v + (+0) == v.
+    padded = np.zeros((rows, steps * _LANES), x.dtype)
+    padded[:, :c] = x
+    padded = padded.reshape(rows, steps, _LANES)
+    acc = np.zeros((rows, _LANES), x.dtype)
+    for k in range(steps):
+        acc = acc + padded[:, k, :]
+    for h in (8, 4, 2, 1):
+        acc[:, :h] = acc[:, :h] + acc[:, h : 2 * h]
+    return acc[:, 0]
+
+
+def _column_sums(terms, include):
+    """Sum over the rows of `terms` (rows, C) where `include` holds, in the pinned order: each
+    block of 64 rows (in row order) sums its rows in order into +0; the block sums are added in
+    block order into +0."""
+    total = np.zeros(terms.shape[1], terms.dtype)
+    for b0 in range(0, terms.shape[0], _ROW_BLOCK):
+        part = np.zeros(terms.shape[1], terms.dtype)
+        for r in range(b0, min(b0 + _ROW_BLOCK, terms.shape[0])):
+            if include[r]:
+                part = part + terms[r]
+        total = total + part
+    return total
+
+
+def _norm_rows(a, survival_prob, training, seed, offset, mode):
+    """`a` (shape (B, ..., C)) as rows (rows, C), and each row's keep flag (all True at
+    inference): row r belongs to sample r // (rows / B)."""
+    a = np.asarray(a)
+    if a.ndim < 2:
+        raise ValueError(f"the inputs must have rank >= 2 (samples, ..., channels), got {a.ndim}")
+    batch, c = a.shape[0], a.shape[-1]
+    rows = a.size // c if c else 0
+    per_sample = rows // batch if batch else 0
+    if training:
+        keep = mask(batch, survival_prob, seed=seed, offset=offset, mode=mode)
+    else:
+        keep = np.ones(batch, bool)
+    return a.reshape(rows, c), np.repeat(keep, per_sample)
+
+
+def _row_stats(y, norm, eps):
+    """(mean, rstd) of each row of y (compute type); mean is 0 for RMSNorm (unused)."""
+    ct = y.dtype.type
+    c = ct(y.shape[1])
+    if norm == "layer":
+        mean = _row_sums(y) / c
+        d = y - mean[:, None]
+        var = _row_sums(d * d) / c
+    else:
+        mean = np.zeros(y.shape[0], y.dtype)
+        var = _row_sums(y * y) / c
+    rstd = ct(1) / np.sqrt(var + ct(eps))
+    return mean, rstd
+
+
+def _xhat(y, mean, rstd, norm):
+    if norm == "layer":
+        return (y - mean[:, None]) * rstd[:, None]
+    return y * rstd[:, None]
+
+
+def _check_norm(norm, eps, bias):
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if norm == "rms" and bias is not None:
+        raise ValueError("bias must be None for norm='rms' (RMSNorm has no bias)")
+
+
+def forward_norm(shortcut, residual, survival_prob, weight, bias=None, *, norm="layer", eps=1e-6,
+                 gamma=None, seed=0, offset=0, training=True, mode="row", scaling="inference"):
+    """The fused pre-norm block tail: (y, n) with
+
+        y = shortcut + keep[b] * s * (gamma * residual)     (gamma None: shortcut + s * residual)
+        n = LayerNorm(y; weight, bias, eps) or RMSNorm(y; weight, eps) over the last axis
+
+    in the pinned order of docs/design.md, "Fused residual and norm". Inputs have shape
+    (B, ..., C), samples along axis 0; weight, bias and gamma have shape (C,) (weight None: no
+    scale). A dropped sample's y is its shortcut bit for bit; its residual is not used. The
+    norm reads y rounded to the storage dtype.
+    """
+    _check_norm(norm, eps, bias)
+    shortcut = np.asarray(shortcut)
+    dtype = shortcut.dtype
+    ct = _compute_type(dtype)
+    s = scale_factor(survival_prob, training=training, scaling=scaling, dtype=dtype)
+    sc, keep = _norm_rows(shortcut, survival_prob, training, seed, offset, mode)
+    res, _ = _norm_rows(residual, survival_prob, training, seed, offset, mode)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = res.astype(ct)
+        if gamma is not None:
+            t = np.asarray(gamma).astype(ct) * t
+        y = (sc.astype(ct) + s * t).astype(dtype)  # u = s * t, then the add, then one rounding
+        y[~keep] = sc[~keep]
+        yc = y.astype(ct)
+        mean, rstd = _row_stats(yc, norm, eps)
+        n = _xhat(yc, mean, rstd, norm)
+        if weight is not None:
+            n = n * np.asarray(weight).astype(ct)
+        if bias is not None:
+            n = n + np.asarray(bias).astype(ct)
+    return y.reshape(shortcut.shape), n.astype(dtype).reshape(shortcut.shape)
+
+
+def backward_norm(grad_y, grad_n, y, residual, survival_prob, weight, bias=None, *, norm="layer",
+                  eps=1e-6, gamma=None, seed=0, offset=0, training=True, mode="row",
+                  scaling="inference"):
+    """Gradients of `forward_norm` for the same arguments, given its output `y` and the
+    gradients of both outputs: (grad_shortcut, grad_residual, grad_gamma, grad_weight,
+    grad_bias), None for a parameter that was None. `residual` is read only with gamma (for
+    grad_gamma; None allowed otherwise), `bias` only for whether it was given. The row
+    statistics are recomputed from y; the mask from (seed, offset).
+    """
+    _check_norm(norm, eps, bias)
+    y = np.asarray(y)
+    dtype = y.dtype
+    ct = _compute_type(dtype)
+    s = scale_factor(survival_prob, training=training, scaling=scaling, dtype=dtype)
+    yr, keep = _norm_rows(y, survival_prob, training, seed, offset, mode)
+    gy, _ = _norm_rows(grad_y, survival_prob, training, seed, offset, mode)
+    gn, _ = _norm_rows(grad_n, survival_prob, training, seed, offset, mode)
+    c = ct(yr.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        yc = yr.astype(ct)
+        mean, rstd = _row_stats(yc, norm, eps)
+        xhat = _xhat(yc, mean, rstd, norm)
+        g = gn.astype(ct)
+        dxhat = g * np.asarray(weight).astype(ct) if weight is not None else g
+        mb = _row_sums(dxhat * xhat) / c
+        if norm == "layer":
+            ma = _row_sums(dxhat) / c
+            dn = rstd[:, None] * ((dxhat - ma[:, None]) - xhat * mb[:, None])
+        else:
+            dn = rstd[:, None] * (dxhat - xhat * mb[:, None])
+        dy = gy.astype(ct) + dn
+        v = s * dy
+        gr = np.asarray(gamma).astype(ct) * v if gamma is not None else v
+        gr[~keep] = 0
+        grad_gamma = grad_weight = grad_bias = None
+        if gamma is not None:
+            res, _ = _norm_rows(residual, survival_prob, training, seed, offset, mode)
+            terms = np.zeros_like(v)
+            terms[keep] = v[keep] * res[keep].astype(ct)  # dropped rows' residual is not read
+            grad_gamma = _column_sums(terms, keep).astype(dtype)
+        every = np.ones(yr.shape[0], bool)
+        if weight is not None:
+            grad_weight = _column_sums(g * xhat, every).astype(dtype)
+        if bias is not None:
+            grad_bias = _column_sums(g, every).astype(dtype)
+    shape = y.shape
+    return (dy.astype(dtype).reshape(shape), gr.astype(dtype).reshape(shape), grad_gamma,
+            grad_weight, grad_bias)

@@ -1,6 +1,7 @@
 // Array inputs and outputs of the bindings: a NumPy array, a stochdepth.Array, or any DLPack
 // producer becomes an ArrayView (pointer, shape, dtype, device, flags) that keeps its source
 // alive; outputs are NumPy arrays or stochdepth.Array (a DLPack producer owning its buffer).
+// Defined in array_view.cc (the array object, NumPy) and dlpack_import.cc (DLPack producers).
 // Translation only: no arithmetic, no RNG, no choice of kernel.
 #pragma once
 #include <pybind11/numpy.h>
@@ -71,5 +72,10 @@ py::array new_numpy(const std::vector<int64_t>& shape, DType dtype);
 py::object new_array(const std::vector<int64_t>& shape, DType dtype, Device device, void* stream);
 
 void bind_array(py::module_& m);
+
+// The device checks every op's bindings make (ValueError, docs/design.md "Errors"): `v` on the
+// device of `ref`; a CUDA array only where this build has CUDA and the device exists.
+void check_device(const ArrayView& v, const ArrayView& ref, const char* name, const char* ref_name);
+void check_cuda_available(const ArrayView& v, const char* name);
 
 }  // namespace stochdepth

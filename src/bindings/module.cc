@@ -13,6 +13,7 @@
 
 #include "bindings/args.h"
 #include "bindings/array_view.h"
+#include "bindings/norm.h"
 #include "stochdepth/alloc.h"
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
@@ -61,27 +62,6 @@ void check_out(const ArrayView& out, const ArrayView& like, const char* like_nam
     value_error(
         "out must be writable, got a read-only array (a read-only NumPy array, a read-only "
         "DLPack tensor, or an immutable JAX or TensorFlow array)");
-  }
-}
-
-void check_device(const ArrayView& v, const ArrayView& ref, const char* name,
-                  const char* ref_name) {
-  if (!(v.device == ref.device)) {
-    value_error(std::string(name) + " must be on the same device as " + ref_name + " (" +
-                ref.device.str() + "), got " + v.device.str());
-  }
-}
-
-void check_cuda_available(const ArrayView& v, const char* name) {
-  if (v.device.kind != DeviceKind::kCUDA) return;
-  if (!cuda_compiled()) {
-    value_error(std::string(name) + " is a CUDA array (" + v.device.str() +
-                "), but stochdepth was built without CUDA: rebuild with nvcc available "
-                "(STOCHDEPTH_CUDA=AUTO or ON)");
-  }
-  if (v.device.id >= cuda_device_count()) {
-    value_error(std::string(name) + " is on " + v.device.str() + ", but this process sees " +
-                std::to_string(cuda_device_count()) + " CUDA device(s)");
   }
 }
 
@@ -298,34 +278,14 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
   return std::move(keep);
 }
 
-// The adapters' entry: pointers they validated themselves, minimal overhead.
+// The adapters' entry: pointers they validated themselves, minimal overhead (params.h).
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
              int64_t inner, DType dtype, double survival_prob, bool training, bool batch_mode,
              Scaling scaling, uint64_t seed, uint64_t offset, int device, int64_t stream,
              bool compact_input, bool compact_output, uintptr_t rng_words) {
-  if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
-    value_error("survival_prob must be in [0, 1], got " + std::to_string(survival_prob));
-  }
-  if (outer < 0 || batch < 0 || inner < 0) value_error("outer, batch and inner must be >= 0");
-  DropPathParams p;
-  p.shortcut = reinterpret_cast<const void*>(shortcut);
-  p.input = reinterpret_cast<const void*>(input);
-  p.out = reinterpret_cast<void*>(out);
-  p.outer = outer;
-  p.batch = batch;
-  p.inner = inner;
-  p.dtype = dtype;
-  p.training = training;
-  p.batch_mode = batch_mode;
-  p.seed = seed;
-  p.offset = offset;
-  p.compact_input = compact_input;
-  p.compact_output = compact_output;
-  p.rng_words = reinterpret_cast<const uint64_t*>(rng_words);
-  if (p.rng_words && rng_words % alignof(uint64_t) != 0) {
-    value_error("rng_words_ptr must be aligned to 8 bytes");
-  }
-  set_scalars(p, survival_prob, scaling);
+  const DropPathParams p =
+      params_from_raw(shortcut, input, out, outer, batch, inner, dtype, survival_prob, training,
+                      batch_mode, scaling, seed, offset, compact_input, compact_output, rng_words);
   run(p, raw_device(device), stream);
 }
 
@@ -363,6 +323,7 @@ std::vector<std::string> names(const std::vector<Isa>& isas) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "stochdepth's compiled core. Use the functions of the stochdepth package instead.";
   bind_array(m);
+  register_norm(m);
 
   // Enums, not strings, past this boundary: the adapters convert once (at import), and the
   // per-call entry run_raw takes the enum values.

@@ -9,7 +9,7 @@
 namespace stochdepth {
 
 // Bumped whenever CoreEntry or DropPathParams changes layout; the receiver checks both.
-constexpr uint32_t kCoreEntryAbi = 2;  // 2: DropPathParams::rng_words
+constexpr uint32_t kCoreEntryAbi = 3;  // 2: DropPathParams::rng_words; 3: fields reordered
 constexpr const char* kCoreEntryCapsuleName = "stochdepth._core.entry";
 
 struct CoreEntry {

@@ -10,7 +10,7 @@
 
 #include "cpu_kernels.h"
 #include "half.h"
-#include "philox.h"  // the constants only: this file calls none of its (external) inline functions
+#include "philox.h"  // philox_rounds, on a lane type of this unit (internal linkage)
 
 namespace stochdepth {
 namespace avx2 {
@@ -169,40 +169,23 @@ void zero_bytes(void* dst, size_t n, bool stream) {
 
 void store_fence() { _mm_sfence(); }
 
-// ---- Philox4x32-10 on 8 independent blocks (structure of arrays: word i of block j in c[i][j])
+// ---- Philox4x32-10 on 8 independent blocks (philox.h's rounds, one block per 32-bit lane)
 
-// hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane.
-inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
-  lo = _mm256_mullo_epi32(m, c);
-  const __m256i even = _mm256_mul_epu32(m, c);  // lanes 0,2,4,6
-  const __m256i odd =
-      _mm256_mul_epu32(_mm256_srli_epi64(m, 32), _mm256_srli_epi64(c, 32));  // 1,3,5,7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-void philox8(__m256i c[4], uint32_t key0, uint32_t key1) {
-  using namespace philox_detail;
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kM1));
-  uint32_t k0 = key0, k1 = key1;
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += kW0;
-      k1 += kW1;
-    }
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(m0, c[0], hi0, lo0);
-    mulhilo8(m1, c[2], hi1, lo1);
-    const __m256i n0 =
-        _mm256_xor_si256(_mm256_xor_si256(hi1, c[1]), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 =
-        _mm256_xor_si256(_mm256_xor_si256(hi0, c[3]), _mm256_set1_epi32(static_cast<int>(k1)));
-    c[0] = n0;
-    c[1] = lo1;
-    c[2] = n2;
-    c[3] = lo0;
+struct Lanes8 {
+  using V = __m256i;
+  static V set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+  static V bit_xor(V a, V b) { return _mm256_xor_si256(a, b); }
+  // hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane.
+  static void mulhilo(uint32_t m, V c, V& hi, V& lo) {
+    const V mv = set1(m);
+    lo = _mm256_mullo_epi32(mv, c);
+    const V even = _mm256_mul_epu32(mv, c);                                               // 0,2,4,6
+    const V odd = _mm256_mul_epu32(_mm256_srli_epi64(mv, 32), _mm256_srli_epi64(c, 32));  // 1,3,5,7
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   }
-}
+};
+
+void philox8(__m256i c[4], uint32_t key0, uint32_t key1) { philox_rounds<Lanes8>(c, key0, key1); }
 
 constexpr int kMaskBlocks = 8;  // Philox blocks drawn at once by mask_blocks
 

@@ -9,4 +9,4 @@
 
 #include "cpu_kernels.h"
 #include "half.h"
-#include "philox.h"  // the constants only: the unit calls none of its (external) inline functions
+#include "philox.h"  // philox_rounds, on a lane type of the unit (internal linkage)

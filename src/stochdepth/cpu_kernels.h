@@ -23,7 +23,8 @@ struct CpuKernels {
   Isa isa;
   // Elements [begin, end) of the flattened [outer, batch, inner] op (the full, non-compact
   // side). mask.keep[b] is ignored when !params.training. `stream`: non-temporal output stores.
-  void (*run_range)(const DropPathParams& params, const MaskView& mask, int64_t begin, int64_t end,
+  // The parameters come by value, as the CUDA kernels take theirs (params.h).
+  void (*run_range)(DropPathParams params, const MaskView& mask, int64_t begin, int64_t end,
                     bool stream);
   // Bytes [begin, end) of a copy, with the same store policy as the op.
   void (*copy_range)(void* dst, const void* src, size_t begin, size_t end, bool stream);

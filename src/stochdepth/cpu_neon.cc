@@ -10,7 +10,7 @@
 
 #include "cpu_kernels.h"
 #include "half.h"
-#include "philox.h"  // the constants only: this file calls none of its (external) inline functions
+#include "philox.h"  // philox_rounds, on a lane type of this unit (internal linkage)
 
 namespace stochdepth {
 namespace neon {
@@ -156,35 +156,24 @@ void copy_bytes(void* dst, const void* src, size_t n, bool) { std::memcpy(dst, s
 void zero_bytes(void* dst, size_t n, bool) { std::memset(dst, 0, n); }
 void store_fence() {}
 
-// ---- Philox4x32-10 on 4 independent blocks (structure of arrays: word i of block j in c[i][j])
+// ---- Philox4x32-10 on 4 independent blocks (philox.h's rounds, one block per 32-bit lane)
 
-// hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane: UMULL/UMULL2 give the
-// four 64-bit products, UZP1/UZP2 split them into low and high words.
-inline void mulhilo4(uint32_t m, uint32x4_t c, uint32x4_t& hi, uint32x4_t& lo) {
-  const uint32x4_t p01 = vreinterpretq_u32_u64(vmull_n_u32(vget_low_u32(c), m));
-  const uint32x4_t p23 = vreinterpretq_u32_u64(vmull_high_n_u32(c, m));
-  lo = vuzp1q_u32(p01, p23);
-  hi = vuzp2q_u32(p01, p23);
-}
+struct Lanes4 {
+  using V = uint32x4_t;
+  static V set1(uint32_t x) { return vdupq_n_u32(x); }
+  static V bit_xor(V a, V b) { return veorq_u32(a, b); }
+  // hi and lo words of the 32x32 -> 64-bit products m * c, lane by lane: UMULL/UMULL2 give the
+  // four 64-bit products, UZP1/UZP2 split them into low and high words.
+  static void mulhilo(uint32_t m, V c, V& hi, V& lo) {
+    const uint32x4_t p01 = vreinterpretq_u32_u64(vmull_n_u32(vget_low_u32(c), m));
+    const uint32x4_t p23 = vreinterpretq_u32_u64(vmull_high_n_u32(c, m));
+    lo = vuzp1q_u32(p01, p23);
+    hi = vuzp2q_u32(p01, p23);
+  }
+};
 
 void philox4(uint32x4_t c[4], uint32_t key0, uint32_t key1) {
-  using namespace philox_detail;
-  uint32_t k0 = key0, k1 = key1;
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += kW0;
-      k1 += kW1;
-    }
-    uint32x4_t hi0, lo0, hi1, lo1;
-    mulhilo4(kM0, c[0], hi0, lo0);
-    mulhilo4(kM1, c[2], hi1, lo1);
-    const uint32x4_t n0 = veorq_u32(veorq_u32(hi1, c[1]), vdupq_n_u32(k0));
-    const uint32x4_t n2 = veorq_u32(veorq_u32(hi0, c[3]), vdupq_n_u32(k1));
-    c[0] = n0;
-    c[1] = lo1;
-    c[2] = n2;
-    c[3] = lo0;
-  }
+  philox_rounds<Lanes4>(c, key0, key1);
 }
 
 constexpr int kMaskBlocks = 4;  // Philox blocks drawn at once by mask_blocks

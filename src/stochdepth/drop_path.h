@@ -1,22 +1,15 @@
-// The public C++ API of the stochdepth core: the dtype, scaling and device enums, the POD
-// parameter block, and ONE entry per op: drop_path and stream_copy own the CPU/CUDA choice
-// (drop_path.cc), compute_mask runs on the host. No framework, no Python, no intrinsics; ISA
-// selection is in isa.h, threads in thread_pool.h, CPU buffers in alloc.h.
+// The public C++ API of the stochdepth core: the device enum, and ONE entry per op: drop_path and
+// stream_copy own the CPU/CUDA choice (drop_path.cc), compute_mask runs on the host. The dtype and
+// scaling enums and the parameter block of a call are in params.h. No framework, no Python, no
+// intrinsics; ISA selection is in isa.h, threads in thread_pool.h, CPU buffers in alloc.h.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
-namespace stochdepth {
+#include "params.h"
 
-// Supported dtypes (the only instantiations anywhere):
-//   | DType      | storage   | compute | rounding                |
-//   | kFloat16   | IEEE half | float   | once, on store (RNE)    |
-//   | kBFloat16  | bfloat16  | float   | once, on store (RNE)    |
-//   | kFloat32   | float     | float   | -                       |
-//   | kFloat64   | double    | double  | -                       |
-enum class DType : uint8_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
-enum class Scaling : uint8_t { kInference = 0, kTraining = 1 };  // paper/kerasfactory vs timm
+namespace stochdepth {
 
 // The values are DLPack's device types, so that the bindings export them unchanged.
 enum class DeviceKind : int32_t { kCPU = 1, kCUDA = 2 };
@@ -27,62 +20,6 @@ struct Device {
   bool operator==(const Device& o) const { return kind == o.kind && id == o.id; }
   std::string str() const;  // "cpu" or "cuda:<id>", for messages
 };
-
-inline size_t dtype_size(DType d) {
-  switch (d) {
-    case DType::kFloat16:
-    case DType::kBFloat16:
-      return 2;
-    case DType::kFloat32:
-      return 4;
-    case DType::kFloat64:
-      return 8;
-  }
-  return 0;
-}
-
-// One call of the op. Every tensor is contiguous and seen as [outer, batch, inner] around the
-// sample axis. The same block serves the forward pass and the backward pass:
-//   forward:  shortcut = shortcut (or nullptr: single-input form), input = residual
-//   backward: shortcut = nullptr, input = grad_out, out = grad_residual
-// Per row (o, b), with keep = keep_sample(seed, offset, batch_mode ? 0 : b, threshold):
-//   training && keep:   out = shortcut + (scale * input)      (or scale * input)
-//   training && !keep:  out = shortcut, input not read          (or 0, input not read)
-//   !training:          out = shortcut + (scale * input)      (or scale * input)
-// The multiply and the add are rounded separately, never fused (docs/design.md, "Arithmetic").
-struct DropPathParams {
-  const void* shortcut = nullptr;  // [outer, batch, inner] or nullptr
-  const void* input = nullptr;     // [outer, batch, inner]
-  void* out = nullptr;             // [outer, batch, inner]; may equal shortcut (in place)
-  int64_t outer = 1, batch = 0, inner = 1;
-  DType dtype = DType::kFloat32;
-  bool training = true;
-  bool batch_mode = false;  // one draw (sample index 0) for the whole batch
-  uint64_t seed = 0, offset = 0;
-  // When set: (seed, offset) are read from these two words, [seed, offset], in memory on the
-  // op's device, when the op runs rather than when it is queued, and `seed` and `offset` above
-  // are ignored. A captured CUDA graph replays the launch with the same pointer, so whatever
-  // the words hold at each replay decides that replay's mask (docs/design.md, "CUDA"). The
-  // host never reads device memory for it: no synchronisation.
-  const uint64_t* rng_words = nullptr;
-  uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
-  float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
-  double scale_f64 = 1.0;  // the scale in double (f64 compute)
-  // Skipping the dropped samples' work (docs/design.md, "Skipping dropped samples"; training
-  // only): the rows of `input` (forward, a scatter-add) or of `out` (backward, a gather) hold the
-  // kept samples only, in order: [outer, n_kept, inner]. A dropped sample has no row there: its
-  // output is the shortcut (forward) or nothing is written (backward).
-  bool compact_input = false;
-  bool compact_output = false;
-
-  int64_t numel() const { return outer * batch * inner; }
-};
-
-// Derives threshold and scale from (p, training, scaling) once, on the host (docs/design.md,
-// "The mask stream" and "Arithmetic"): T = floor(p * 2^32); training scale 1/p (training
-// scaling, p > 0) or 1; inference factor p (inference scaling) or 1. The factor is evaluated in
-// double, then rounded once to float.
-void set_scalars(DropPathParams& params, double survival_prob, Scaling scaling);
 
 // ---- the ops: the one place that branches on the device is their definition (drop_path.cc)
 

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,6 +16,7 @@
 #include "half.h"
 #include "isa.h"
 #include "mask.h"
+#include "params.h"
 #include "philox.h"
 #include "thread_pool.h"
 
@@ -497,6 +500,40 @@ int check_copy(Isa isa) {
   return checks;
 }
 
+// params_from_raw: the checks of a raw call (std::invalid_argument), then the fields as given and
+// the scalars of set_scalars.
+void check_params_from_raw() {
+  alignas(8) uint64_t words[2] = {0, 0};
+  const auto w = reinterpret_cast<uintptr_t>(words);
+  auto raw = [&](double p, int64_t batch, uintptr_t rng_words) {
+    return params_from_raw(16, 32, 48, 2, batch, 5, DType::kBFloat16, p, true, true,
+                           Scaling::kTraining, 7, 9, true, false, rng_words);
+  };
+  auto refused = [&](double p, int64_t batch, uintptr_t rng_words, const char* what) {
+    try {
+      raw(p, batch, rng_words);
+      fail(std::string("params_from_raw accepted ") + what);
+    } catch (const std::invalid_argument&) {
+    }
+  };
+  refused(1.5, 3, 0, "survival_prob 1.5");
+  refused(-1e-9, 3, 0, "a negative survival_prob");
+  refused(std::numeric_limits<double>::quiet_NaN(), 3, 0, "a NaN survival_prob");
+  refused(0.5, -1, 0, "batch -1");
+  refused(0.5, 3, w + 4, "a misaligned rng_words");
+  const DropPathParams p = raw(0.8, 3, w);
+  DropPathParams want;
+  set_scalars(want, 0.8, Scaling::kTraining);
+  if (p.shortcut != reinterpret_cast<const void*>(16) || p.input != reinterpret_cast<void*>(32) ||
+      p.out != reinterpret_cast<void*>(48) || p.outer != 2 || p.batch != 3 || p.inner != 5 ||
+      p.dtype != DType::kBFloat16 || !p.training || !p.batch_mode || p.seed != 7 || p.offset != 9 ||
+      !p.compact_input || p.compact_output || p.rng_words != words ||
+      p.threshold != want.threshold || p.scale_f64 != want.scale_f64 ||
+      p.scale_f32 != want.scale_f32) {
+    fail("params_from_raw: the fields differ from its arguments");
+  }
+}
+
 bool contains(const std::vector<Isa>& v, Isa isa) {
   for (Isa i : v)
     if (i == isa) return true;
@@ -539,6 +576,7 @@ int main() {
   try {
     const Isa active = active_isa();
     check_isa_lists(active);
+    check_params_from_raw();
     for (Isa isa : supported_isas()) {
       const int before = g_failures;
       set_isa(isa);

@@ -9,8 +9,9 @@
 Each op's rows are timed in rounds interleaved with the ceiling they are judged against (the
 best of several copy / add / fill implementations, in the op's read/write mix), against the
 real timm and torchvision where they import. What a row means: docs/design.md, "Measuring
-speed". Modules: cli (options, driver), cases (shapes, ops, bytes), anchors, cpu_rows /
-cuda_rows (what is timed), ceiling, timing, machine, report (tables, JSON), plot, keras_rows.
+speed". Modules: rows (Case, Row, Section; how to add a row or a section), cli (options, the
+loop), env (what the run has), cases (shapes, ops, bytes), the rows: cpu_rows, cuda_rows,
+anchors, ceiling, jax_rows, keras_rows; timing, machine, report (header, tables, JSON), plot.
 """
 
 from __future__ import annotations

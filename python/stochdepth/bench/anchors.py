@@ -5,6 +5,11 @@ torchvision, so where only torchvision is missing or broken timm's own `timm/lay
 (which needs only torch) is loaded by path. Where neither works, the documented formula below
 stands in and the row is labelled "(formula)" (docs/design.md, "Measuring speed").
 STOCHDEPTH_BENCH_NO_TIMM=1 / STOCHDEPTH_BENCH_NO_TORCHVISION=1 force the formula.
+
+ROWS: the anchor rows (Row objects, stochdepth.bench.rows), on the CPU and the GPU: the NumPy
+expression, torchvision's and timm's functions in eager PyTorch followed by the add, and
+torch.compile of the torchvision function plus the add. Backward rows are torch autograd with
+respect to the residual. Each anchor row is a "vs" column of the tables.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import importlib.metadata
 import importlib.util
 import os
 
-from stochdepth.bench._util import short_error
+import numpy as np
 
-__all__ = ["Anchor", "load_anchors", "timm_formula", "torchvision_formula"]
+from stochdepth.bench._util import short_error
+from stochdepth.bench.rows import Row
+
+__all__ = ["Anchor", "ROWS", "load_anchors", "timm_formula", "torchvision_formula"]
 
 NO_TIMM = "STOCHDEPTH_BENCH_NO_TIMM"
 NO_TORCHVISION = "STOCHDEPTH_BENCH_NO_TORCHVISION"
@@ -138,3 +146,150 @@ def _load_torchvision(torch):
 def load_anchors(torch):
     """{"timm": Anchor, "torchvision": Anchor} for the rows that run on torch tensors."""
     return {"torchvision": _load_torchvision(torch), "timm": _load_timm()}
+
+
+# -- the anchor rows. A builder takes the case's tensors (cpu_rows.CpuTensors or
+# cuda_rows.CudaTensors); the torch rows use only what both have (t_shortcut, ..., compiled).
+def _numpy_rows():
+    def fwd(d):
+        sc, r = d.shortcut, d.residual
+        return (lambda: sc + d.np_mask() * r), None
+
+    def fwd_out(d):
+        sc, r, out = d.shortcut, d.residual, d.out
+
+        def numpy_out():
+            np.multiply(d.np_mask(), r, out=out)
+            np.add(sc, out, out=out)
+
+        return numpy_out, None
+
+    def fwd_inplace(d):
+        r = d.residual
+        buf, restore = d.inplace_numpy()
+        return (lambda: np.add(buf, d.np_mask() * r, out=buf)), restore
+
+    def infer(d):
+        sc, r = d.shortcut, d.residual
+        return (lambda: sc + r), None  # inference factor 1 with scaling="training"
+
+    def bwd(d):
+        g = d.grad
+        return (lambda: d.np_mask() * g), None
+
+    return {"fwd": fwd, "fwd_out": fwd_out, "fwd_inplace": fwd_inplace, "infer": infer,
+            "bwd": bwd}
+
+
+def _eager_rows(source):
+    """The ops of an anchor `fn(x, drop_p, training)` in eager PyTorch, followed by the add."""
+
+    def anchor(d):
+        return d.env.anchors[source].fn, d.drop
+
+    def fwd(d):
+        f, drop = anchor(d)
+        sc, r = d.t_shortcut, d.t_residual
+        return (lambda: sc + f(r, drop, True)), None
+
+    def fwd_out(d):
+        f, drop = anchor(d)
+        torch, sc, r, out = d.torch, d.t_shortcut, d.t_residual, d.t_out
+        return (lambda: torch.add(sc, f(r, drop, True), out=out)), None
+
+    def fwd_inplace(d):
+        f, drop = anchor(d)
+        r = d.t_residual
+        buf, restore = d.inplace_torch()
+        return (lambda: buf.add_(f(r, drop, True))), restore
+
+    def infer(d):
+        f, drop = anchor(d)
+        sc, r = d.t_shortcut, d.t_residual
+        return (lambda: sc + f(r, drop, False)), None
+
+    def bwd(d):
+        f, drop = anchor(d)
+        sc, leaf = d.t_shortcut, d.t_leaf
+        return d.autograd_backward(lambda: sc + f(leaf, drop, True))
+
+    def fwdbwd(d):
+        f, drop = anchor(d)
+        return d.autograd_step(lambda a, b: a + f(b, drop, True)), None
+
+    return {"fwd": fwd, "fwd_out": fwd_out, "fwd_inplace": fwd_inplace, "infer": infer,
+            "bwd": bwd, "fwdbwd": fwdbwd}
+
+
+def _compiled_rows(source):
+    """The same ops, torch.compile'd (compiled by an untimed first call, see compiled())."""
+
+    def anchor(d):
+        return d.env.anchors[source].fn, d.drop
+
+    def fwd(d):
+        f, drop = anchor(d)
+        sc, r = d.t_shortcut, d.t_residual
+        cf = d.compiled(lambda a, b: a + f(b, drop, True), lambda c: c(sc, r))
+        return (lambda: cf(sc, r)), None
+
+    def fwd_out(d):
+        f, drop = anchor(d)
+        sc, r, out = d.t_shortcut, d.t_residual, d.t_out
+
+        def add_out(a, b, o):
+            o.copy_(a + f(b, drop, True))
+            return o
+
+        cf = d.compiled(add_out, lambda c: c(sc, r, out))
+        return (lambda: cf(sc, r, out)), None
+
+    def fwd_inplace(d):
+        f, drop = anchor(d)
+        r = d.t_residual
+        buf, restore = d.inplace_torch()
+
+        def add_inplace(a, b):
+            a.add_(f(b, drop, True))
+            return a
+
+        cf = d.compiled(add_inplace, lambda c: c(buf, r))
+        return (lambda: cf(buf, r)), restore
+
+    def infer(d):
+        f, drop = anchor(d)
+        sc, r = d.t_shortcut, d.t_residual
+        cf = d.compiled(lambda a, b: a + f(b, drop, False), lambda c: c(sc, r))
+        return (lambda: cf(sc, r)), None
+
+    def compiled_forward(d):
+        f, drop = anchor(d)
+        grad, sc, leaf, g = d.torch.autograd.grad, d.t_shortcut, d.t_leaf, d.t_grad
+        return d.compiled(lambda a, b: a + f(b, drop, True),
+                          lambda c: grad(c(sc, leaf), leaf, g))
+
+    def bwd(d):
+        cf = compiled_forward(d)
+        sc, leaf = d.t_shortcut, d.t_leaf
+        return d.autograd_backward(lambda: cf(sc, leaf))
+
+    def fwdbwd(d):
+        return d.autograd_step(compiled_forward(d)), None
+
+    return {"fwd": fwd, "fwd_out": fwd_out, "fwd_inplace": fwd_inplace, "infer": infer,
+            "bwd": bwd, "fwdbwd": fwdbwd}
+
+
+# In the order of the tables and their "vs" columns.
+ROWS = [
+    Row("numpy", "NumPy expression", framework="numpy", anchor="numpy", column="vs NumPy",
+        ops=_numpy_rows()),
+    Row("tv", "torchvision stochastic_depth, eager", framework="torch", devices=("cpu", "cuda"),
+        anchor="torchvision", column="vs tv", source="torchvision",
+        ops=_eager_rows("torchvision")),
+    Row("timm", "timm drop_path, eager", framework="torch", devices=("cpu", "cuda"),
+        anchor="timm", column="vs timm", source="timm", ops=_eager_rows("timm")),
+    Row("compile", "torch.compile(torchvision stochastic_depth)", framework="torch.compile",
+        devices=("cpu", "cuda"), anchor="compile", column="vs compile", source="torchvision",
+        ops=_compiled_rows("torchvision")),
+]

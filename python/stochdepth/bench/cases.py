@@ -1,5 +1,6 @@
-"""What the benchmark measures: the cases (shapes), the ops, the rows of each op, and the bytes
-each op must move together with the read/write mix its ceiling is built from.
+"""What the benchmark measures: the cases (shapes), the ops, and the bytes each op must move
+together with the read/write mix its ceiling is built from. The rows timed on them are Row
+objects in the rows modules (see stochdepth.bench.rows).
 
 Bytes are counted as the op must move them: a dropped sample's residual is never read
 (docs/design.md, "Measuring speed"). Every implementation of an op is judged by that count.
@@ -11,9 +12,10 @@ import math
 
 import numpy as np
 
-__all__ = ["CASES", "DEFAULT_CASES", "OPS", "IMPLS", "ROWS", "SEED", "impl_info", "SCALING", "MODE",
-           "ANCHORS", "BYTES_NOTE", "op_bytes", "ceiling_models", "parse_case", "np_dtype",
-           "np_to_torch", "kept_fraction"]
+from stochdepth.bench.rows import Case
+
+__all__ = ["CASES", "DEFAULT_CASES", "OPS", "SEED", "SCALING", "MODE", "BYTES_NOTE", "op_bytes",
+           "ceiling_models", "parse_case", "np_dtype", "np_to_torch", "kept_fraction"]
 
 SEED = 0x5EED5EED
 SCALING = "training"  # timm's and torchvision's convention, so every row computes the same
@@ -55,47 +57,6 @@ OPS = {
         "fwdbwd": "training forward + backward",
     },
 }
-
-# implementation key -> (label, anchor key or None, what it needs)
-IMPLS = {
-    "sd": ("stochdepth", None, ()),
-    "sd_out": ("stochdepth (out=)", None, ()),
-    "sd_alloc": ("stochdepth (allocating)", None, ()),
-    "sd_raw": ("stochdepth _core.run_raw", None, ()),
-    "sd_torch": ("stochdepth (torch via DLPack)", None, ("torch",)),
-    "sd_adapter": ("stochdepth.torch adapter", None, ("torch", "adapter")),
-    "numpy": ("NumPy expression", "numpy", ()),
-    "tv": ("torchvision stochastic_depth, eager", "torchvision", ("torch",)),
-    "timm": ("timm drop_path, eager", "timm", ("torch",)),
-    "compile": ("torch.compile(torchvision stochastic_depth)", "compile", ("torch", "compile")),
-}
-
-
-def impl_info(impl):
-    """(label, anchor, needs) of a row key. "sd@avx2" is the "sd" row run on another CPU ISA
-    (stochdepth.set_isa around each call), for comparing the ISAs in the same rounds."""
-    base, _, isa = impl.partition("@")
-    label, anchor, needs = IMPLS[base]
-    return (f"{label} [{isa}]" if isa else label), anchor, needs
-
-
-ANCHORS = [("numpy", "vs NumPy"), ("torchvision", "vs tv"), ("timm", "vs timm"),
-           ("compile", "vs compile")]
-
-ROWS = {
-    "cpu": {
-        "fwd": ["sd", "sd_torch", "sd_adapter", "numpy", "tv", "timm", "compile"],
-        "fwd_out": ["sd", "sd_raw", "sd_torch", "numpy", "tv", "timm", "compile"],
-        "fwd_inplace": ["sd", "sd_torch", "numpy", "tv", "timm", "compile"],
-        "infer": ["sd", "sd_torch", "sd_adapter", "numpy", "tv", "timm", "compile"],
-        "bwd": ["sd", "sd_out", "sd_torch", "sd_adapter", "numpy", "tv", "timm", "compile"],
-    },
-    "cuda": {
-        "fwd": ["sd_out", "sd_alloc", "sd_raw", "sd_adapter", "tv", "timm", "compile"],
-        "fwdbwd": ["sd_out", "sd_alloc", "sd_adapter", "tv", "timm", "compile"],
-    },
-}
-
 
 def op_bytes(op, n_elems, itemsize, kept):
     """Bytes an op must move (docs/design.md, "Measuring speed": a dropped sample's residual
@@ -172,8 +133,8 @@ def _grow_batch(shape, dtype, llc_bytes, p, mem_available):
 
 
 def parse_case(name, llc_bytes=None, p=0.8, mem_available=None):
-    """(name, shape, dtype, what) of a name from CASES or a custom 'AxBxC:dtype'
-    (e.g. 64x197x768:float16). A GROWN_CASES batch is grown past 2x `llc_bytes`."""
+    """The Case of a name from CASES or of a custom 'AxBxC:dtype' (e.g. 64x197x768:float16),
+    at survival probability `p`. A GROWN_CASES batch is grown past 2x `llc_bytes`."""
     if name in CASES:
         shape, dtype, what = CASES[name]
         if name in GROWN_CASES:
@@ -181,7 +142,7 @@ def parse_case(name, llc_bytes=None, p=0.8, mem_available=None):
             if batch != shape[0]:
                 what = f"{what}; batch {shape[0]} grown to {batch}"
             shape = (batch,) + tuple(shape[1:])
-        return name, tuple(shape), dtype, what
+        return Case(name, tuple(shape), dtype, what, p)
     if ":" in name:
         dims, dtype = name.split(":", 1)
         try:
@@ -190,7 +151,7 @@ def parse_case(name, llc_bytes=None, p=0.8, mem_available=None):
             shape = ()
         if shape and all(d > 0 for d in shape) and dtype in (
                 "float16", "bfloat16", "float32", "float64"):
-            return name, shape, dtype, "custom"
+            return Case(name, shape, dtype, "custom", p)
     raise SystemExit(
         f"--cases: unknown case {name!r}; expected one of {', '.join(CASES)} or a custom "
         "'AxBxC:dtype' with dtype float16|bfloat16|float32|float64")

@@ -1,131 +1,33 @@
-"""`python -m stochdepth.bench`: the command line and the driver.
+"""`python -m stochdepth.bench`: the command line and the driver, a loop over Case and Row
+objects (stochdepth.bench.rows says how to add a row or a section).
 
-For every case and op, the rows and the ceiling primitives are built, timed together in
-interleaved rounds (timing.interleave), judged (ceiling.op_ceiling), printed (report) and saved
-to --json after every op. What a row means: docs/design.md, "Measuring speed".
+For every Case and op, the rows of the device that have the op and can run (Row.skipped) and the
+ceiling rows of the op's primitives are built, timed together in interleaved rounds
+(timing.interleave), judged (ceiling.op_ceiling), printed (report) and saved to --json after
+every op. Then each Section in SECTIONS that the options leave in runs. What a row means:
+docs/design.md, "Measuring speed".
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import math
-import os
 import sys
 
+from stochdepth.bench import anchors, ceiling, cpu_rows, cuda_rows, jax_rows, keras_rows
 from stochdepth.bench import cases as C
 from stochdepth.bench._util import Progress, short_error
-from stochdepth.bench.anchors import load_anchors
-from stochdepth.bench.ceiling import cpu_entries, cuda_entries, op_ceiling, split_key
+from stochdepth.bench.env import Env
 from stochdepth.bench.machine import machine_info, mem_available_bytes
-from stochdepth.bench.report import print_case, write_json
+from stochdepth.bench.report import header, print_case, write_json
 from stochdepth.bench.timing import CpuTimer, CudaTimer, Entry, TimingPlan, interleave, summarize
 
-__all__ = ["main", "parse_args", "run"]
+__all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 
-ROW_PREFIX = "row:"
-
-
-class Env:
-    """What the run has: the library, torch (or why not), the adapter, the anchors, options."""
-
-    def __init__(self, args):
-        import stochdepth
-
-        self.sd = stochdepth
-        self.args = args
-        self.p = float(args.p)
-        self.torch = None
-        self.torch_error = "disabled by --no-torch" if args.no_torch else None
-        self.torch_thp = _torch_huge_pages(args.torch_thp)
-        if not args.no_torch:
-            try:
-                import torch
-
-                self.torch = torch
-            except Exception as exc:  # noqa: BLE001 - any import failure means "no torch rows"
-                self.torch_error = short_error(exc)
-        self.adapter = None
-        self.adapter_error = ("needs torch" if self.torch is None
-                              else "disabled by --no-adapter" if args.no_adapter else None)
-        if self.adapter_error is None:
-            try:
-                import stochdepth.torch as sdt
-
-                if not hasattr(sdt, "stochastic_depth"):
-                    raise AttributeError("stochdepth.torch has no stochastic_depth")
-                self.adapter = sdt
-            except Exception as exc:  # noqa: BLE001 - optional rows
-                self.adapter_error = short_error(exc)
-        self.compile_error = ("needs torch" if self.torch is None
-                              else "disabled by --no-compile" if args.no_compile else None)
-        self.anchors = load_anchors(self.torch) if self.torch is not None else {}
-
-    def has(self, need):
-        if need == "torch":
-            return self.torch is not None
-        if need == "adapter":
-            return self.adapter is not None
-        if need == "compile":
-            return self.compile_error is None
-        raise ValueError(need)
-
-    @functools.cached_property
-    def compared_isas(self):
-        """The other CPU ISAs whose "sd" rows run beside the active one's (--compare-isas).
-        Worked out once, after --isa has been applied (run() asks for it first)."""
-        if self.args.device != "cpu" or self.args.compare_isas == "none":
-            return []
-        supported = self.sd.build_info()["cpu_isas_supported"]
-        if self.args.compare_isas == "vector":
-            wanted = [i for i in supported if i != "scalar"]
-        else:
-            wanted = [i.strip() for i in self.args.compare_isas.split(",") if i.strip()]
-            bad = [i for i in wanted if i not in supported]
-            if bad:
-                raise SystemExit(f"--compare-isas: {bad} not supported here ({supported})")
-        return [i for i in wanted if i != self.sd.get_isa()]
-
-    def rows_for(self, device, op):
-        rows = []
-        for k in C.ROWS[device][op]:
-            if all(self.has(n) for n in C.IMPLS[k][2]):
-                rows.append(k)
-                if k == "sd":
-                    rows += [f"sd@{isa}" for isa in self.compared_isas]
-        return rows
-
-    def label(self, impl):
-        """The row's label; an anchor running the formula instead of its package says so, and
-        the library's own row names its ISA when other ISAs are compared."""
-        base, anchor, _ = C.impl_info(impl)
-        if impl == "sd" and self.compared_isas:
-            base += f" [{self.sd.get_isa()}]"
-        source = self.anchor_of(impl)
-        return source.label(base) if source is not None else base
-
-    def anchor_of(self, impl):
-        anchor = C.impl_info(impl)[1]
-        return self.anchors.get("torchvision" if anchor == "compile" else anchor)
-
-    def compile(self, fn):
-        return self.torch.compile(fn, dynamic=bool(self.args.compile_dynamic))
-
-
-def _torch_huge_pages(choice):
-    """THP_MEM_ALLOC_ENABLE for torch's CPU allocator, which without it does not ask for huge
-    pages: on the Zen 4 VM of benchmarks/RESULTS.md that made torch's own rows (the anchors)
-    up to 2.9x slower. The anchors get their best configuration unless --torch-thp default; an
-    explicit THP_MEM_ALLOC_ENABLE in the environment wins. Read by torch at its first
-    allocation, so it is set before torch is imported. Returns what the run used."""
-    if "THP_MEM_ALLOC_ENABLE" in os.environ:
-        return f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']} (from the environment)"
-    if choice == "default":
-        return "torch's default (THP_MEM_ALLOC_ENABLE unset: no huge pages; --torch-thp default)"
-    if "torch" in sys.modules:
-        return "torch's default (torch was imported before the benchmark could set it)"
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the Keras subprocess rows too
-    return "THP_MEM_ALLOC_ENABLE=1 (set by the benchmark: huge pages for torch's allocator)"
+# The rows of the tables, in their order: the library's, then the anchors.
+OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
+# What runs after the tables, in this order.
+SECTIONS = [keras_rows.SECTION, jax_rows.SECTION]
 
 
 def _plan(args):
@@ -142,124 +44,118 @@ def _plan(args):
                       warmup=5, warmup_time_s=0.05)
 
 
-def _cache_flag(op_res, ceiling, tensor_bytes, llc):
-    """Marks an op whose bytes, or one of its ceiling primitives' bytes, are under 2x the LLC."""
-    sets = [("the op", op_res["bytes"])]
-    sets += [(f"the {p} ceiling", C.PRIMITIVE_TENSORS[p] * tensor_bytes)
-             for p in ceiling["primitives"]]
-    name, smallest = min(sets, key=lambda s: s[1])
-    op_res["working_set_bytes"] = smallest
-    op_res["fits_in_cache"] = bool(llc["bytes"]) and smallest < 2 * llc["bytes"]
-    op_res["cache_note"] = (
-        f"{name} moves {smallest / 1e6:.1f} MB, under 2x the last-level cache "
-        f"({llc['bytes'] / 2**20:.1f} MiB): partly cache bandwidth, not memory"
-        if op_res["fits_in_cache"] else None)
+def _rows(env, case, op):
+    """The rows of `op` on this device that can run, each compare_isas row followed by its
+    variants on the other ISAs."""
+    out = []
+    for row in OP_ROWS:
+        if row.skipped(env.args.device, op, case.dtype, env.unavailable) is None:
+            out.append(row)
+            if row.compare_isas:
+                out += [cpu_rows.on_isa(row, isa) for isa in env.compared_isas]
+    return out
 
 
-def _run_op(env, case, op, case_res, plan, timer, progress, failures):
+def _ceiling_rows(env, case, op):
+    """[(primitive, Row)] of the ceiling implementations the op's models need."""
+    return [(prim, row) for prim in C.primitives_for(op) for row in ceiling.ROWS
+            if row.skipped(env.args.device, prim, case.dtype, env.unavailable) is None]
+
+
+def _entry_key(row, prim=None):
+    """An entry's name in the JSON's round_order (and in failures)."""
+    return f"ceiling:{prim}:{row.name}" if prim else f"row:{row.name}"
+
+
+def _run_op(env, case, tensors, op, case_res, plan, timer, progress, failures):
     device = env.args.device
-    tensor_bytes = case.nbytes
+    tensor_bytes = tensors.nbytes
     kept = case_res["kept_fraction"]
-    nbytes = C.op_bytes(op, case_res["n_elems"], tensor_bytes // case_res["n_elems"], kept)
-    rows, entries = [], []
-    for impl in env.rows_for(device, op):
-        label, anchor, _ = C.impl_info(impl)
-        row = {"op": op, "impl": impl, "label": env.label(impl), "anchor": anchor}
-        source = env.anchor_of(impl)
-        if source is not None:
-            row["anchor_source"] = source.source
-        progress.note(f"{case_res['name']}: {op}: building {row['label']}",
-                      key=f"{case_res['name']}: {op}")
+    nbytes = C.op_bytes(op, case.n_elems, tensor_bytes // case.n_elems, kept)
+    where = f"{case.name}: {op}"
+    timed = []  # (Row, its JSON row, its Entry or None when building it failed)
+    for row in _rows(env, case, op):
+        res = {"op": op, "impl": row.name, "label": env.label(row), "anchor": row.anchor}
+        if row.source in env.anchors:
+            res["anchor_source"] = env.anchors[row.source].source
+        progress.note(f"{where}: building {res['label']}", key=where)
+        entry = None
+        tensors.compile_s = None
         try:
-            fn, setup = case.build(op, impl)
-            entries.append(Entry(ROW_PREFIX + impl, fn, setup))
+            fn, setup = row.build(op, tensors)
+            entry = Entry(_entry_key(row), fn, setup)
         except Exception as exc:  # noqa: BLE001 - a failing row is reported, not fatal
-            row["error"] = short_error(exc)
-        row["compile_s"] = case.compile_s
-        rows.append(row)
-    make = cpu_entries if device == "cpu" else cuda_entries
-    ceiling_entries = make(env, case, C.primitives_for(op))
-    progress.note(f"{case_res['name']}: {op}: {plan.rounds} interleaved rounds")
-    order, records = interleave(ceiling_entries + entries, plan, timer,
-                                on_round=lambda r: progress.step(),
+            res["error"] = short_error(exc)
+        res["compile_s"] = tensors.compile_s
+        timed.append((row, res, entry))
+    ceilings = []  # (primitive, Row, its Entry or the error building it)
+    for prim, row in _ceiling_rows(env, case, op):
+        try:
+            fn, setup = row.build(prim, tensors)
+            ceilings.append((prim, row, Entry(_entry_key(row, prim), fn, setup)))
+        except Exception as exc:  # noqa: BLE001 - recorded like an error while timing
+            ceilings.append((prim, row, short_error(exc)))
+    ceiling_entries = [e for _, _, e in ceilings if isinstance(e, Entry)]
+    progress.note(f"{where}: {plan.rounds} interleaved rounds")
+    order, records = interleave(ceiling_entries + [e for _, _, e in timed if e is not None],
+                                plan, timer, on_round=lambda r: progress.step(),
                                 rotate_from=len(ceiling_entries))
-    del entries, ceiling_entries
-    summaries = {key: summarize(rec, C.PRIMITIVE_TENSORS[split_key(key)[0]] * tensor_bytes)
-                 for key, rec in records.items() if not key.startswith(ROW_PREFIX)}
-    ceiling = op_ceiling(op, kept, tensor_bytes, nbytes, summaries)
-    for row in rows:
-        if "error" not in row:
-            row.update(summarize(records[ROW_PREFIX + row["impl"]], nbytes))
-        if "error" in row:
-            if row["anchor"] is None:
-                failures.append(f"{case_res['name']}/{op}/{row['label']}: {row['error']}")
+    del ceiling_entries
+
+    measured = {}  # {primitive: {implementation: summary}}, in the order timed
+    for prim, row, entry in ceilings:
+        s = ({"error": entry} if not isinstance(entry, Entry)
+             else summarize(records[entry.key], C.PRIMITIVE_TENSORS[prim] * tensor_bytes))
+        measured.setdefault(prim, {})[row.name] = s
+    ceiling_res = ceiling.op_ceiling(op, kept, tensor_bytes, nbytes, measured)
+    rows = []
+    for row, res, entry in timed:
+        rows.append(res)
+        if entry is not None:
+            res.update(summarize(records[entry.key], nbytes))
+        if "error" in res:
+            if row.ours:
+                failures.append(f"{case.name}/{op}/{res['label']}: {res['error']}")
             continue
-        pct = 100.0 * ceiling["ms"] / row["median_ms"] if ceiling["ms"] else None
-        row["pct_ceiling"] = pct
-        row["over_ceiling"] = pct is not None and pct > 100.0
-    anchors = {r["anchor"]: r["median_ms"] for r in rows if r["anchor"] and "error" not in r}
+        pct = 100.0 * ceiling_res["ms"] / res["median_ms"] if ceiling_res["ms"] else None
+        res["pct_ceiling"] = pct
+        res["over_ceiling"] = pct is not None and pct > 100.0
+    del timed
+    anchor_ms = {r["anchor"]: r["median_ms"] for r in rows if r["anchor"] and "error" not in r}
     for r in rows:
         if "error" not in r:
-            r["speedup"] = {k: v / r["median_ms"] for k, v in anchors.items() if r["median_ms"] > 0}
-    for key, s in summaries.items():
-        if "error" in s and "stochdepth" in key:
-            failures.append(f"{case_res['name']}/{op}/{key}: {s['error']}")
+            r["speedup"] = {k: v / r["median_ms"] for k, v in anchor_ms.items()
+                            if r["median_ms"] > 0}
+    for prim, row, _ in ceilings:
+        s = measured[prim][row.name]
+        if "error" in s and row.ours:
+            failures.append(f"{case.name}/{op}/{_entry_key(row, prim)}: {s['error']}")
+    del ceilings
     op_res = {"title": C.OPS[device][op], "bytes": nbytes, "bytes_counted": C.BYTES_NOTE[op],
-              "ceiling": ceiling, "rows": rows, "round_order": order}
-    _cache_flag(op_res, ceiling, tensor_bytes, case_res["llc"])
+              "ceiling": ceiling_res, "rows": rows, "round_order": order}
+    ceiling.cache_flag(op_res, ceiling_res, tensor_bytes, case_res["llc"])
     return op_res
 
 
-def _check_cuda(env):
-    torch, sd = env.torch, env.sd
-    if torch is None:
-        raise SystemExit(f"--device cuda needs PyTorch (CUDA tensors and events): "
-                         f"{env.torch_error}")
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch.cuda.is_available() is False "
-                         "(no NVIDIA GPU or driver visible to PyTorch)")
-    info = sd.build_info()
-    error = None
-    if not info.get("cuda_compiled"):
-        error = ("stochdepth was built without CUDA (build_info()['cuda_compiled'] is False): "
-                 "rebuild with nvcc on PATH (STOCHDEPTH_CUDA=ON)")
-    elif not info.get("cuda_device_count"):
-        error = "stochdepth sees no CUDA device (build_info()['cuda_device_count'] == 0)"
-    if error:
-        print(f"WARNING: {error}; stochdepth rows will fail, anchors still run", file=sys.stderr)
-    return error
+def _cases(args, env, llc):
+    names = args.cases.split(",") if args.cases else C.DEFAULT_CASES[args.device]
+    if names == ["all"]:
+        names = C.DEFAULT_CASES[args.device]
+    llc_bytes = llc["bytes"] if args.device == "cpu" else None
+    return [C.parse_case(c.strip(), llc_bytes, env.p, mem_available_bytes())
+            for c in names if c.strip()]
 
 
-def _header(env, plan, machine, llc):
-    sd, torch, args = env.sd, env.torch, env.args
-    bi = sd.build_info()
-    lines = [f"stochdepth {getattr(sd, '__version__', '?')} benchmark, device={args.device}, "
-             f"p={env.p}, seed={C.SEED:#x}, offset advanced per call, {machine['date_utc']}",
-             f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs "
-             f"({machine['cpu_affinity']} usable), {machine['mem_total_gib']} GiB, "
-             f"LLC {machine['llc']['text']}"]
-    if args.device == "cuda":
-        g = machine["gpu"]
-        lines.append(f"GPU: {g['name']} (cc {g['capability']}), L2 {llc['text']}, torch CUDA "
-                     f"{torch.version.cuda}; device-event timing")
-    lines.append(f"stochdepth: ISA {bi.get('cpu_isa')}, threads={bi.get('num_threads')}"
-                 f"{' (set by --threads)' if args.threads is not None else ' (its default)'}, "
-                 f"CUDA compiled: {bi.get('cuda_compiled')}")
-    if torch is not None:
-        lines.append(f"torch {torch.__version__}: threads={torch.get_num_threads()} "
-                     f"(torch's default, left as is); CPU allocator: {env.torch_thp}")
-        for a in env.anchors.values():
-            lines.append(f"anchor {a.name}: {a.source}")
-    else:
-        lines.append(f"torch: not used ({env.torch_error})")
-    if env.adapter is None:
-        lines.append(f"stochdepth.torch adapter rows: skipped ({env.adapter_error})")
-    if env.compile_error:
-        lines.append(f"torch.compile rows: skipped ({env.compile_error})")
-    lines.append(f"method: per op, {plan.rounds} rounds of [ceiling primitives, then every row], "
-                 f"medians over rounds; timing {plan.as_dict()}"
-                 + (" (--quick: numbers are not meaningful)" if args.quick else ""))
-    return lines
+def _ops(args):
+    device = args.device
+    if not args.ops:
+        return list(C.OPS[device])
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in C.OPS[device]]
+    if bad:
+        raise SystemExit(f"--ops: unknown op(s) {bad} for --device {device}; "
+                         f"expected some of {list(C.OPS[device])}")
+    return ops
 
 
 def run(args):
@@ -270,26 +166,17 @@ def run(args):
     if args.isa is not None:
         sd.set_isa(args.isa)
     env.compared_isas  # noqa: B018 - a bad --compare-isas fails here, before any work
-    sd_cuda_error = _check_cuda(env) if device == "cuda" else None
+    sd_cuda_error = env.check_cuda() if device == "cuda" else None
     machine = machine_info(torch, sd)
     llc = machine["llc"] if device == "cpu" else machine["gpu"]["llc"]
-
-    names = args.cases.split(",") if args.cases else C.DEFAULT_CASES[device]
-    if names == ["all"]:
-        names = C.DEFAULT_CASES[device]
-    case_list = [C.parse_case(c.strip(), llc["bytes"] if device == "cpu" else None, env.p,
-                              mem_available_bytes()) for c in names if c.strip()]
-    ops = list(C.OPS[device])
-    if args.ops:
-        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-        bad = [o for o in ops if o not in C.OPS[device]]
-        if bad:
-            raise SystemExit(f"--ops: unknown op(s) {bad} for --device {device}; "
-                             f"expected some of {list(C.OPS[device])}")
+    case_list = _cases(args, env, llc)
+    ops = _ops(args)
     plan = _plan(args)
     timer = CpuTimer() if device == "cpu" else CudaTimer(torch)
     progress = Progress(len(case_list) * len(ops) * plan.rounds, enabled=not args.no_progress)
-    print("\n".join(_header(env, plan, machine, llc)))
+    reasons = [(s.title, s.skipped(args)) for s in SECTIONS if device in s.devices]
+    skipped = [(title, why) for title, why in reasons if why]
+    print("\n".join(header(env, plan, machine, llc, skipped)))
     sys.stdout.flush()
 
     results = {
@@ -309,41 +196,33 @@ def run(args):
     failures = results["failures"] = []
     save = (lambda: write_json(args.json, results)) if args.json else (lambda: None)
     save()
-    for name, shape, dtype, what in case_list:
-        progress.note(f"{name}: allocating {shape} {dtype}", key=f"{name}: allocating")
+    columns = [a for a in anchors.ROWS if device in a.devices]
+    for case in case_list:
+        progress.note(f"{case.name}: allocating {case.shape} {case.dtype}",
+                      key=f"{case.name}: allocating")
         if env.compile_error is None:
             torch._dynamo.reset()  # drop the last case's compiled code (and what it holds)
-        if device == "cpu":
-            from stochdepth.bench.cpu_rows import CpuCase
-
-            case = CpuCase(env, shape, dtype)
-        else:
-            from stochdepth.bench.cuda_rows import CudaCase
-
-            case = CudaCase(env, shape, dtype, sd_cuda_error)
-        n_elems = math.prod(shape)
-        case_res = {"name": name, "shape": list(shape), "dtype": dtype, "what": what,
-                    "p": env.p, "n_elems": n_elems, "tensor_bytes": case.nbytes,
-                    "kept_fraction": C.kept_fraction(sd, shape[0], env.p), "llc": llc,
+        tensors = (cpu_rows.CpuTensors(env, case) if device == "cpu"
+                   else cuda_rows.CudaTensors(env, case, sd_cuda_error))
+        case_res = {"name": case.name, "shape": list(case.shape), "dtype": case.dtype,
+                    "what": case.what, "p": case.p, "n_elems": case.n_elems,
+                    "tensor_bytes": tensors.nbytes,
+                    "kept_fraction": C.kept_fraction(sd, case.shape[0], case.p), "llc": llc,
                     "fits_in_cache": False, "ops": {}}
         results["cases"].append(case_res)
         for op in ops:
-            op_res = _run_op(env, case, op, case_res, plan, timer, progress, failures)
+            op_res = _run_op(env, case, tensors, op, case_res, plan, timer, progress, failures)
             case_res["ops"][op] = op_res
             case_res["fits_in_cache"] = case_res["fits_in_cache"] or op_res["fits_in_cache"]
             save()
-        case.free()
-        del case
+        tensors.free()
+        del tensors
         progress.clear()
-        print_case(case_res, device)
+        print_case(case, case_res, columns)
     progress.finish()
-    if device == "cpu" and not args.no_keras and not args.no_torch:
-        results["keras"] = _keras_rows(args.p, 3 if args.quick else 10)
-    if device == "cpu" and not args.no_jax:
-        from stochdepth.bench.jax_rows import report as jax_report
-
-        results["jax"] = jax_report(args.p, 3 if args.quick else 10, quick=args.quick,
-                                    keras=not args.no_keras)
+    for section in SECTIONS:
+        if device in section.devices and not section.skipped(args):
+            results[section.key] = section.run(args)
     if args.plot:
         from stochdepth.bench.plot import write_plot
 
@@ -428,30 +307,6 @@ def parse_args(argv=None):
         if why:
             ap.error(why)
     return args
-
-
-def _keras_rows(p, reps):
-    """stochdepth.keras vs kerasfactory's layer on Keras's torch backend."""
-    try:
-        from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, keras_adapter_rows
-
-        rows = keras_adapter_rows(KERASFACTORY_SHAPE, "float32", p, reps)
-    except Exception as exc:  # noqa: BLE001 - keras or a backend missing: say so, carry on
-        print(f"\nKeras rows skipped: {short_error(exc)}")
-        return {"error": short_error(exc)}
-    print(f"\nKeras layer on the torch backend, {KERASFACTORY_SHAPE} float32, p={p} "
-          f"(median of {reps}, ms; not interleaved with a ceiling)")
-    base = {(r["op"]): r.get("median_ms") for r in rows if r["impl"] == "kerasfactory"}
-    for r in rows:
-        if "error" in r:
-            print(f"  {r['impl']:18s} {r['op']:17s} FAILED: {r['error']}")
-            continue
-        ref = base.get(r["op"])
-        vs = ""
-        if ref and r["impl"] != "kerasfactory":
-            vs = f"  {ref / r['median_ms']:5.1f}x vs kerasfactory"
-        print(f"  {r['impl']:18s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
-    return {"shape": list(KERASFACTORY_SHAPE), "rows": rows}
 
 
 def main(argv=None):

@@ -16,20 +16,27 @@ KERAS_BACKEND=jax unless this process's Keras already is on JAX.
 
 Rows: impl, op, shape, dtype, p, device ("cpu"), backend ("jax"), reps, median_ms, min_ms,
 bytes (the traffic stochdepth's kernels need, as in keras_rows), or "error".
+
+ROWS and KERAS_ROWS: those implementations as Row objects (stochdepth.bench.rows), a builder per
+op taking the arrays (a namespace: see jax_rows and _keras_rows_here); SECTION: this part of
+`python -m stochdepth.bench` (--no-jax).
 """
 
 from __future__ import annotations
 
 import sys
+import types
 
 from stochdepth.bench._util import short_error
 from stochdepth.bench.keras_rows import KERASFACTORY_SHAPE, _time, rows_in_subprocess
+from stochdepth.bench.rows import Row, Section
 
-__all__ = ["jax_rows", "keras_jax_rows", "report"]
+__all__ = ["KERAS_ROWS", "ROWS", "SECTION", "jax_rows", "keras_jax_rows", "report"]
 
 CASE = (128, 197, 768)  # the issue's ViT-B/16 block, batch 128
 QUICK_CASE = (16, 197, 64)
 QUICK_KERAS_CASE = (4, 16, 16, 32)  # rank 4: the one rank where kerasfactory draws per sample
+OPS = ("forward", "forward+backward")
 
 
 def _row(impl, op, shape, dtype, p, reps, n_bytes):
@@ -39,13 +46,65 @@ def _row(impl, op, shape, dtype, p, reps, n_bytes):
             "bytes": fwd if op == "forward" else fwd + n_bytes * (1.0 + p)}
 
 
-def _timed(rows, row, make, reps):
+def _timed(rows, row, build, d, reps):
     try:
-        fn = make()
-        row["median_ms"], row["min_ms"] = _time(fn, reps, lambda: None)
+        fn, setup = build(d)
+        row["median_ms"], row["min_ms"] = _time(fn, setup, reps, lambda: None)
     except Exception as exc:  # noqa: BLE001 - report and carry on
         row["error"] = short_error(exc)
     rows.append(row)
+
+
+def _jitted(f, extra):
+    """The ops of a jnp function f(shortcut, residual, extra): forward, and a jax.vjp with a
+    given cotangent (what jax.grad runs), both jitted."""
+
+    def forward(d):
+        jf = d.jax.jit(lambda a, b, e: f(d, a, b, e))
+        ja, jb, e = d.ja, d.jb, extra(d)
+        return (lambda: jf(ja, jb, e).block_until_ready()), None
+
+    def forward_backward(d):
+        jax = d.jax
+        jf = jax.jit(lambda a, b, g, e: jax.vjp(lambda a, b: f(d, a, b, e), a, b)[1](g))
+        ja, jb, jg, e = d.ja, d.jb, d.jg, extra(d)
+        return (lambda: jax.block_until_ready(jf(ja, jb, jg, e))), None
+
+    return {"forward": forward, "forward+backward": forward_backward}
+
+
+def _ours(d, a, b, s):
+    return d.sdj.stochastic_depth(a, b, d.p, seed=s, scaling="training")
+
+
+def _formula(d, a, b, keep):
+    jnp = d.jnp
+    return jnp.where(keep, a + b / jnp.asarray(d.p, a.dtype), a)
+
+
+def _numpy_forward(d):
+    sd, a, b, p, seed = d.stochdepth, d.a, d.b, d.p, d.seed
+    return (lambda: sd.forward(a, b, p, seed=seed, scaling="training")), None
+
+
+def _numpy_forward_backward(d):
+    sd, a, b, g, p, seed = d.stochdepth, d.a, d.b, d.g, d.p, d.seed
+
+    def call():
+        sd.forward(a, b, p, seed=seed, scaling="training")
+        sd.backward(g, p, seed=seed, scaling="training")
+
+    return call, None
+
+
+ROWS = [
+    Row("stochdepth.jax", "stochdepth.jax", framework="jax", ours=True,
+        ops=_jitted(_ours, lambda d: d.seed_op)),
+    Row("jax.jit formula", "jax.jit formula", framework="jax", anchor="jax.jit formula",
+        ops=_jitted(_formula, lambda d: d.keep)),
+    Row("stochdepth (NumPy)", "stochdepth (NumPy)", framework="stochdepth", ours=True,
+        ops={"forward": _numpy_forward, "forward+backward": _numpy_forward_backward}),
+]
 
 
 def jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
@@ -62,42 +121,62 @@ def jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
     ja, jb, jg = (jax.device_put(x) for x in (a, b, g))
     keep = jnp.asarray(stochdepth.mask(shape[0], p, seed=seed)).reshape((-1,) + (1,) * (
         len(shape) - 1))
-    seed_op = jnp.uint32(seed)
-
-    def ours(a, b, s):
-        return sdj.stochastic_depth(a, b, p, seed=s, scaling="training")
-
-    def formula(a, b, keep):
-        return jnp.where(keep, a + b / jnp.asarray(p, a.dtype), a)
-
-    def fwd(f, extra):
-        jf = jax.jit(f)
-        return lambda: jf(ja, jb, extra).block_until_ready()
-
-    def fwd_bwd(f, extra):
-        jf = jax.jit(lambda a, b, g, e: jax.vjp(lambda a, b: f(a, b, e), a, b)[1](g))
-        return lambda: jax.block_until_ready(jf(ja, jb, jg, extra))
-
-    def numpy_fwd():
-        return lambda: stochdepth.forward(a, b, p, seed=seed, scaling="training")
-
-    def numpy_fwd_bwd():
-        def call():
-            stochdepth.forward(a, b, p, seed=seed, scaling="training")
-            stochdepth.backward(g, p, seed=seed, scaling="training")
-        return call
-
-    n_bytes = a.nbytes
+    # What the builders read: the NumPy arrays, their device copies, the mask given to the
+    # formula (its cost is not counted: the formula's best case), the seed as an operand.
+    d = types.SimpleNamespace(jax=jax, jnp=jnp, stochdepth=stochdepth, sdj=sdj, p=p, seed=seed,
+                              a=a, b=b, g=g, ja=ja, jb=jb, jg=jg, keep=keep,
+                              seed_op=jnp.uint32(seed))
     rows = []
-    for op in ("forward", "forward+backward"):
-        for impl, make in (
-            ("stochdepth.jax", lambda op=op: (fwd if op == "forward" else fwd_bwd)(ours, seed_op)),
-            ("jax.jit formula", lambda op=op: (fwd if op == "forward" else fwd_bwd)(formula,
-                                                                                    keep)),
-            ("stochdepth (NumPy)", numpy_fwd if op == "forward" else numpy_fwd_bwd),
-        ):
-            _timed(rows, _row(impl, op, shape, np_dtype.name, p, reps, n_bytes), make, reps)
+    for op in OPS:
+        for row in ROWS:
+            _timed(rows, _row(row.name, op, shape, np_dtype.name, p, reps, a.nbytes),
+                   row.ops[op], d, reps)
     return rows
+
+
+def _layer_ops(make_layer):
+    """The ops of a Keras layer on the JAX backend: a jitted `stateless_call` (forward) and its
+    vjp (forward+backward)."""
+
+    def build(d, op):
+        jax = d.jax
+        layer = make_layer(d)
+        a, b, g = d.a, d.b, d.g
+        if not layer.built:  # kerasfactory's layer builds on its first call
+            layer([a, b], training=False)
+        nt = [v.value for v in layer.non_trainable_variables]
+
+        def f(a, b):
+            return layer.stateless_call([], nt, [a, b], training=True)[0]
+
+        if op == "forward":
+            jf = jax.jit(f)
+            return (lambda: jf(a, b).block_until_ready()), None
+        jf = jax.jit(lambda a, b, g: jax.vjp(f, a, b)[1](g))
+        return (lambda: jax.block_until_ready(jf(a, b, g))), None
+
+    return {op: (lambda d, op=op: build(d, op)) for op in OPS}
+
+
+def _keras_ours(d):
+    import stochdepth.keras as sdk
+
+    return sdk.StochasticDepth(d.p, seed=d.seed, dtype=d.dtype)
+
+
+def _kerasfactory(d):
+    from kerasfactory.layers import StochasticDepth
+
+    # Seeded: unseeded, its random ops cannot be traced by jax.jit (Keras refuses them).
+    return StochasticDepth(d.p, seed=d.seed, dtype=d.dtype)
+
+
+KERAS_ROWS = [
+    Row("stochdepth.keras", "stochdepth.keras", framework="keras", ours=True,
+        ops=_layer_ops(_keras_ours)),
+    Row("kerasfactory", "kerasfactory", framework="keras", anchor="kerasfactory",
+        ops=_layer_ops(_kerasfactory)),
+]
 
 
 def _keras_rows_here(shape, dtype, p, reps, seed):
@@ -105,40 +184,17 @@ def _keras_rows_here(shape, dtype, p, reps, seed):
     import jax.numpy as jnp
     import numpy as np
 
-    import stochdepth.keras as sdk
+    import stochdepth.keras  # noqa: F401 - missing, the rows fail: kerasfactory alone is no row
 
     rng = np.random.default_rng(0)
     a, b, g = (jnp.asarray(rng.standard_normal(shape).astype(dtype)) for _ in range(3))
     n_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-
-    def ours():
-        return sdk.StochasticDepth(p, seed=seed, dtype=dtype)
-
-    def kerasfactory():
-        from kerasfactory.layers import StochasticDepth
-
-        # Seeded: unseeded, its random ops cannot be traced by jax.jit (Keras refuses them).
-        return StochasticDepth(p, seed=seed, dtype=dtype)
-
+    d = types.SimpleNamespace(jax=jax, p=p, seed=seed, dtype=dtype, a=a, b=b, g=g)
     rows = []
-    for impl, make_layer in (("stochdepth.keras", ours), ("kerasfactory", kerasfactory)):
-        for op in ("forward", "forward+backward"):
-            def make(make_layer=make_layer, op=op):
-                layer = make_layer()
-                if not layer.built:  # kerasfactory's layer builds on its first call
-                    layer([a, b], training=False)
-                nt = [v.value for v in layer.non_trainable_variables]
-
-                def f(a, b):
-                    return layer.stateless_call([], nt, [a, b], training=True)[0]
-
-                if op == "forward":
-                    jf = jax.jit(f)
-                    return lambda: jf(a, b).block_until_ready()
-                jf = jax.jit(lambda a, b, g: jax.vjp(f, a, b)[1](g))
-                return lambda: jax.block_until_ready(jf(a, b, g))
-
-            _timed(rows, _row(impl, op, shape, dtype, p, reps, n_bytes), make, reps)
+    for row in KERAS_ROWS:
+        for op in OPS:
+            _timed(rows, _row(row.name, op, shape, dtype, p, reps, n_bytes), row.ops[op], d,
+                   reps)
     return rows
 
 
@@ -190,3 +246,10 @@ def report(p, reps, *, quick=False, keras=True):
             print(f"\nKeras (JAX backend) rows skipped: {short_error(exc)}")
             out["keras_error"] = short_error(exc)
     return out
+
+
+SECTION = Section(
+    key="jax", title="JAX rows", devices=("cpu",),
+    skipped=lambda args: "disabled by --no-jax" if args.no_jax else None,
+    run=lambda args: report(args.p, 3 if args.quick else 10, quick=args.quick,
+                            keras=not args.no_keras))

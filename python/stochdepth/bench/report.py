@@ -12,9 +12,9 @@ import os
 import re
 import sys
 
-from stochdepth.bench.cases import ANCHORS, BYTES_NOTE, MODE, SCALING
+from stochdepth.bench.cases import MODE, SCALING, SEED
 
-__all__ = ["format_table", "print_case", "write_json", "OVER_NOTE"]
+__all__ = ["format_table", "header", "print_case", "write_json", "OVER_NOTE"]
 
 OVER_NOTE = ("! above 100% of the ceiling: the row moved its bytes faster than the primitives "
              "measured in the same rounds (data still in cache, or a read/write mix the "
@@ -74,28 +74,63 @@ def _ceiling_lines(op_res):
             f"({c['model']}); measured in the same rounds: " + "; ".join(prims)]
 
 
-def print_case(case_res, device, out=None):
+def header(env, plan, machine, llc, skipped_sections=()):
+    """The lines printed before the tables: the run, the machine, the library, torch and the
+    anchors, what is skipped and why ([(section title, why)] for the sections), the method."""
+    sd, torch, args = env.sd, env.torch, env.args
+    bi = sd.build_info()
+    lines = [f"stochdepth {getattr(sd, '__version__', '?')} benchmark, device={args.device}, "
+             f"p={env.p}, seed={SEED:#x}, offset advanced per call, {machine['date_utc']}",
+             f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs "
+             f"({machine['cpu_affinity']} usable), {machine['mem_total_gib']} GiB, "
+             f"LLC {machine['llc']['text']}"]
+    if args.device == "cuda":
+        g = machine["gpu"]
+        lines.append(f"GPU: {g['name']} (cc {g['capability']}), L2 {llc['text']}, torch CUDA "
+                     f"{torch.version.cuda}; device-event timing")
+    lines.append(f"stochdepth: ISA {bi.get('cpu_isa')}, threads={bi.get('num_threads')}"
+                 f"{' (set by --threads)' if args.threads is not None else ' (its default)'}, "
+                 f"CUDA compiled: {bi.get('cuda_compiled')}")
+    if torch is not None:
+        lines.append(f"torch {torch.__version__}: threads={torch.get_num_threads()} "
+                     f"(torch's default, left as is); CPU allocator: {env.torch_thp}")
+        for a in env.anchors.values():
+            lines.append(f"anchor {a.name}: {a.source}")
+    else:
+        lines.append(f"torch: not used ({env.torch_error})")
+    if env.adapter is None:
+        lines.append(f"stochdepth.torch adapter rows: skipped ({env.adapter_error})")
+    if env.compile_error:
+        lines.append(f"torch.compile rows: skipped ({env.compile_error})")
+    for title, why in skipped_sections:
+        lines.append(f"{title}: skipped ({why})")
+    lines.append(f"method: per op, {plan.rounds} rounds of [ceiling primitives, then every row], "
+                 f"medians over rounds; timing {plan.as_dict()}"
+                 + (" (--quick: numbers are not meaningful)" if args.quick else ""))
+    return lines
+
+
+def print_case(case, case_res, anchors, out=None):
+    """The table of one Case from its results (the dict the JSON keeps), one "vs" column per
+    anchor Row in `anchors`."""
     out = sys.stdout if out is None else out
-    shape = tuple(case_res["shape"])
-    n = case_res["n_elems"]
     lines = [
         "",
-        f"== {case_res['name']}: {shape} {case_res['dtype']} ({case_res['what']}); "
-        f"{n / 1e6:.2f} M elements, {_mb(case_res['tensor_bytes'])} per tensor; "
-        f"p = {case_res['p']}, mode={MODE!r}, scaling={SCALING!r}",
+        f"== {case.name}: {case.shape} {case.dtype} ({case.what}); "
+        f"{case.n_elems / 1e6:.2f} M elements, {_mb(case_res['tensor_bytes'])} per tensor; "
+        f"p = {case.p}, mode={MODE!r}, scaling={SCALING!r}",
         f"   kept fraction {case_res['kept_fraction']:.4f} (stochdepth mask, mean over 256 "
         "offsets; used for the byte counts)",
     ]
     print("\n".join(lines), file=out)
 
-    anchors = [(k, h) for k, h in ANCHORS if device == "cpu" or k != "numpy"]
     headers = ["implementation", "median ms", "min ms", "reps", "GB/s", "% ceiling"]
-    headers += [h for _, h in anchors]
+    headers += [a.column for a in anchors]
     table = []
     over = False
     for op, op_res in case_res["ops"].items():
         table.append(f"[{op}] {op_res['title']}: {_mb(op_res['bytes'])} "
-                     f"({BYTES_NOTE[op]})")
+                     f"({op_res['bytes_counted']})")
         table += _ceiling_lines(op_res)
         if op_res["fits_in_cache"]:
             table.append(f"   FITS IN CACHE: {op_res['cache_note']}")
@@ -111,7 +146,7 @@ def print_case(case_res, device, out=None):
             over = over or row["over_ceiling"]
             cells = ["  " + label, fmt_ms(row["median_ms"]), fmt_ms(row["min_ms"]),
                      str(row["reps"]), f"{row['gbps']:.2f}", pct_cell]
-            cells += [_fmt_x(row["speedup"].get(k)) for k, _ in anchors]
+            cells += [_fmt_x(row["speedup"].get(a.anchor)) for a in anchors]
             table.append(cells)
     print(format_table(headers, table), file=out)
     if over:

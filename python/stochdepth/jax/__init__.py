@@ -33,32 +33,16 @@ captured into XLA's command buffers (CUDA graphs) and replayed with new keys (do
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _op
+from .._op import OpConfig
 from . import _ops
 from ._ffi import MIN_JAXLIB
 
-__all__ = ["stochastic_depth", "drop_path", "key_words", "MIN_JAXLIB"]
-
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_LO32 = 0xFFFFFFFF
-
-
-def _check_prob(p):
-    if isinstance(p, np.generic):
-        p = p.item()
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(
-            "survival_prob must be a Python real number in [0, 1] (a static value; a traced "
-            f"value is not supported), got {type(p).__name__}"
-        )
-    if not 0 <= p <= 1:  # also rejects NaN
-        raise ValueError(f"survival_prob must be in [0, 1], got {p}")
-    return float(p)
+__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB"]
 
 
 def _as_array(value, expected):
@@ -72,13 +56,9 @@ def _as_array(value, expected):
 
 def _words32(name, value):
     """(lo, hi) uint32 words of an integer seed or offset: host ints or JAX integer scalars."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got bool")
-    if isinstance(value, (int, np.integer)):
-        value = int(value)
-        if not 0 <= value < 2**64:
-            raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-        return jnp.uint32(value & _LO32), jnp.uint32(value >> 32)
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        lo, hi = _op.split64(_op.check_u64(name, value))
+        return jnp.uint32(lo), jnp.uint32(hi)
     # Anything else must be an array (a JAX or NumPy scalar, traced or not): checked here, so
     # that a string or a float is this argument's error, not jnp.asarray's.
     if not hasattr(value, "dtype"):
@@ -91,8 +71,8 @@ def _words32(name, value):
             f"{list(value.shape)}"
         )
     if value.dtype.itemsize == 8:
-        u = value.astype(jnp.uint64)  # the two's complement pattern
-        return (u & _LO32).astype(jnp.uint32), (u >> 32).astype(jnp.uint32)
+        lo, hi = _op.split64(value.astype(jnp.uint64))  # the two's complement pattern
+        return lo.astype(jnp.uint32), hi.astype(jnp.uint32)
     return value.astype(jnp.uint32), jnp.uint32(0)
 
 
@@ -115,8 +95,7 @@ def key_words(seed, offset=0):
 
     `seed` may be a JAX PRNG key (see the module docstring for the mapping).
     """
-    if seed is None:
-        raise ValueError("seed is required when training=True (the mask is drawn)")
+    _op.check_seed_given(seed)
     if _is_key(seed):
         if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
             data = jax.random.key_data(seed)
@@ -134,45 +113,43 @@ def key_words(seed, offset=0):
     return jnp.stack([jnp.asarray(w, jnp.uint32) for w in (s_lo, s_hi, o_lo, o_hi)])
 
 
-def _check_arrays(arrays, axis):
-    first = arrays[0]
-    dtype = jnp.dtype(first.dtype)
-    if dtype.name not in _DTYPES:
-        raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype.name}")
-    for other in arrays[1:]:
-        if jnp.dtype(other.dtype) != dtype:
-            raise TypeError(
-                f"shortcut and residual must have the same dtype, got {dtype.name} and "
-                f"{jnp.dtype(other.dtype).name}"
-            )
-        if tuple(other.shape) != tuple(first.shape):
-            raise ValueError(
-                f"shortcut and residual must have the same shape, got {tuple(first.shape)} and "
-                f"{tuple(other.shape)}"
-            )
-    rank = first.ndim
-    if rank < 1:
-        raise ValueError("inputs must have rank >= 1 (a sample axis)")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for inputs of rank {rank}")
-    return int(axis) % rank
+def _dtype_name(x):
+    return jnp.dtype(x.dtype).name
 
 
-def _config(survival_prob, training, mode, axis, scaling):
-    p = _check_prob(survival_prob)
-    if mode not in ("row", "batch"):
-        raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
-    if scaling not in ("inference", "training"):
-        raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
-    return (p, axis, int(bool(training)), int(mode == "batch"), int(scaling == "training"))
+def _static(config, axis):
+    """The FFI attributes of a call (`_ops`): the config with the axis as an index."""
+    return (config.survival_prob, axis, int(config.training), int(config.batch_mode),
+            int(config.scaling == "training"))
 
 
-def _key(seed, offset, training):
+def _run(shortcut, residual, words, config):
+    """The op on checked arrays (jnp arrays; shortcut None for the single-input form)."""
+    if shortcut is None:
+        ax = _op.check_arrays("x", _dtype_name(residual), tuple(residual.shape), config.axis)
+        return _ops.scale_op(residual, words, _static(config, ax))
+    ax = _op.check_arrays("residual", _dtype_name(residual), tuple(residual.shape), config.axis,
+                          (_dtype_name(shortcut), tuple(shortcut.shape)))
+    return _ops.residual_op(shortcut, residual, words, _static(config, ax))
+
+
+def _words(seed, offset, training):
     if training:
         return key_words(seed, offset)
     return jnp.zeros((4,), jnp.uint32)  # not read at inference
+
+
+def apply(shortcut, residual, words, config):
+    """The op for a caller that holds its key words already (the Keras layer on the JAX backend).
+
+    `words` is the uint32[4] operand [seed_lo, seed_hi, offset_lo, offset_hi] (`key_words`
+    makes it; traced is fine; not read at inference), `config` a validated
+    `stochdepth._op.OpConfig`. `shortcut` None is the single-input form (`drop_path`). The
+    arrays are checked as in `stochastic_depth`.
+    """
+    residual = jnp.asarray(residual)
+    shortcut = None if shortcut is None else jnp.asarray(shortcut)
+    return _run(shortcut, residual, words, config)
 
 
 def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, training=True,
@@ -195,11 +172,9 @@ def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, 
     sample is the shortcut bit for bit and its residual is not read. Differentiable in shortcut
     and residual.
     """
-    shortcut = jnp.asarray(shortcut)
-    residual = jnp.asarray(residual)
-    ax = _check_arrays((shortcut, residual), axis)
-    cfg = _config(survival_prob, training, mode, ax, scaling)
-    return _ops.residual_op(shortcut, residual, _key(seed, offset, training), cfg)
+    config = OpConfig(survival_prob, mode, axis, scaling, training)
+    shortcut = jnp.asarray(shortcut)  # None is an error here, as JAX reads it: not drop_path
+    return apply(shortcut, residual, _words(seed, offset, config.training), config)
 
 
 def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row", axis=0,
@@ -208,7 +183,5 @@ def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row
 
     Same arguments and mask as `stochastic_depth`; a dropped sample is exact zeros.
     """
-    x = jnp.asarray(x)
-    ax = _check_arrays((x,), axis)
-    cfg = _config(survival_prob, training, mode, ax, scaling)
-    return _ops.scale_op(x, _key(seed, offset, training), cfg)
+    config = OpConfig(survival_prob, mode, axis, scaling, training)
+    return apply(None, x, _words(seed, offset, config.training), config)

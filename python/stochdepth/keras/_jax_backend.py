@@ -9,28 +9,25 @@ backend (docs/design.md, "Randomness in the adapters"): the SeedGenerator state
 
 from __future__ import annotations
 
-_LO32 = 0xFFFFFFFF
+from .._op import split64
 
 
-def call(layer, shortcut, residual, training):
+def call(layer, shortcut, residual, config):
+    """The layer's output for `config` (an OpConfig the layer made for this call); the arrays
+    are checked by `stochdepth.jax.apply`, once."""
     # Imported on first use: importing stochdepth.keras never imports jax itself.
     import jax.numpy as jnp
 
     import stochdepth.jax as sdj
-    from stochdepth.jax import _ops
 
-    p = float(layer.survival_prob)
-    if not training:
-        return sdj.stochastic_depth(shortcut, residual, p, training=False, mode=layer.mode,
-                                    axis=layer.axis, scaling=layer.scaling)
-    ax = sdj._check_arrays((shortcut, residual), layer.axis)
-    cfg = sdj._config(p, True, layer.mode, ax, layer.scaling)
+    if not config.training:
+        return sdj.apply(shortcut, residual, jnp.zeros((4,), jnp.uint32), config)
     state = layer._seed_words()
     seed_lo = state[0].astype(jnp.uint32)
     step = state[1]
     if step.dtype.itemsize == 8:
-        off_lo, off_hi = (step & _LO32).astype(jnp.uint32), (step >> 32).astype(jnp.uint32)
+        off_lo, off_hi = (w.astype(jnp.uint32) for w in split64(step))
     else:
         off_lo, off_hi = step.astype(jnp.uint32), jnp.uint32(0)
-    key = jnp.stack([seed_lo, jnp.uint32(layer._seed_hi & _LO32), off_lo, off_hi])
-    return _ops.residual_op(shortcut, residual, key, cfg)
+    words = jnp.stack([seed_lo, jnp.uint32(layer._seed_hi), off_lo, off_hi])
+    return sdj.apply(shortcut, residual, words, config)

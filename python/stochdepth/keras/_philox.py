@@ -15,14 +15,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from .._op import check_mode
+
 # Random123's Philox4x32 constants (PHILOX_M4x32_0/1, PHILOX_W32_0/1); docs/design.md,
 # "The mask stream".
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _LO16 = 0xFFFF
-_LO32 = 0xFFFFFFFF
-
-_MODES = ("row", "batch")
 
 
 # ---- Philox4x32-10 in keras.ops (uint32 words, no operation may overflow)
@@ -179,8 +178,7 @@ def keep_mask(batch, survival_prob, seed_lo, seed_hi, offset_lo, offset_hi, mode
     `stochdepth.mask(batch, survival_prob, seed=seed_hi << 32 | seed_lo,
     offset=offset_hi << 32 | offset_lo, mode=mode)` for batch < 2**31.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
+    check_mode(mode)
     words = [ops.convert_to_tensor(np.uint32(w), dtype="uint32") if isinstance(w, int) else w
              for w in (seed_lo, seed_hi, offset_lo, offset_hi)]
     draw = _draw_fn(mode)(batch, *words)

@@ -8,10 +8,11 @@ draws a fresh mask each step, seeded or not; a dropped sample is the shortcut ex
 residual unread (kerasfactory's `shortcut + 0 * residual` turns Inf into NaN).
 
 On the torch backend the layer calls `stochdepth.torch.stochastic_depth`, on the JAX backend
-`stochdepth.jax` (`_jax_backend.py`) and on the TensorFlow backend `stochdepth.tensorflow`
-(`_tf_backend.py`, where this build has the TensorFlow ops): the compiled kernels, gradients
-included. Elsewhere (TensorFlow without the ops, or inside an XLA-compiled function) it draws the
-mask with `_philox.keep_mask` and combines in `keras.ops`, with the same outputs.
+`stochdepth.jax.apply` (`_jax_backend.py`) and on the TensorFlow backend
+`stochdepth.tensorflow.apply` (`_tf_backend.py`, where this build has the TensorFlow ops): the
+compiled kernels, gradients included. Elsewhere (TensorFlow without the ops, or inside an
+XLA-compiled function) it draws the mask with `_philox.keep_mask` and combines in `keras.ops`,
+with the same outputs.
 Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` on every backend
 (docs/design.md, "Randomness in the adapters").
 """
@@ -19,43 +20,34 @@ Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` o
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import keras
 import numpy as np
 from keras import ops
 
+from .._op import (
+    LO32,
+    OpConfig,
+    check_arrays,
+    check_axis,
+    check_mode,
+    check_prob,
+    check_scaling,
+    check_u64,
+    join64,
+    split64,
+)
 from . import _jax_backend, _tf_backend
-from ._philox import _LO32, _MODES, keep_mask
+from ._philox import keep_mask
 
-_SCALINGS = ("inference", "training")
 _STATE_KEY = "seed_generator_state"  # the key of the saved state in the layer's weight store
 
 
 # ---- helpers
 
 
-def _check_survival_prob(value):
-    if isinstance(value, np.generic):  # a NumPy scalar: keep get_config() JSON-friendly
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"survival_prob must be a real number in [0, 1], got {type(value).__name__}"
-        )
-    if not 0 <= value <= 1:  # also rejects NaN
-        raise ValueError(f"survival_prob must be in [0, 1], got {value}")
-    return value
-
-
 def _check_seed(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be None or an integer in [0, 2**64), got {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed}")
-    return seed
+    return None if seed is None else check_u64("seed", seed)
 
 
 def _seed_state_value(seed_lo, dtype):
@@ -110,17 +102,12 @@ class StochasticDepth(keras.layers.Layer):
     def __init__(self, survival_prob=0.5, seed=None, *, mode="row", scaling="inference",
                  axis=0, **kwargs):
         super().__init__(**kwargs)
-        self.survival_prob = _check_survival_prob(survival_prob)
+        # The survival_prob as given (a NumPy scalar made a Python number): get_config() keeps it.
+        self.survival_prob = check_prob("survival_prob", survival_prob)
         self.seed = _check_seed(seed)
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
-        if scaling not in _SCALINGS:
-            raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
-        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-        self.mode = mode
-        self.scaling = scaling
-        self.axis = int(axis)
+        self.mode = check_mode(mode)
+        self.scaling = check_scaling(scaling)
+        self.axis = check_axis(axis)
         # The TensorFlow ops have no XLA kernel: Keras leaves XLA off for a model with this layer
         # (jit_compile="auto"), and turns an explicit jit_compile=True off with a warning.
         self._use_tf_ops = keras.backend.backend() == "tensorflow" and _tf_backend.available()
@@ -128,7 +115,7 @@ class StochasticDepth(keras.layers.Layer):
             self.supports_jit = False
         # State [seed & 0xFFFFFFFF, step]: SeedGenerator.next() returns it and advances the step.
         # A seed's high word never changes, so it stays a constant of the layer.
-        self._seed_hi = 0 if self.seed is None else self.seed >> 32
+        seed_lo, self._seed_hi = split64(0 if self.seed is None else self.seed)
         # torch: the kernels take (seed, offset) as host integers, so the state lives on the CPU
         # and reading it is no device sync.
         on_cpu = keras.backend.backend() == "torch"
@@ -139,20 +126,9 @@ class StochasticDepth(keras.layers.Layer):
                 # is int32 on some backends (torch), where a word >= 2**31 must be stored as its
                 # bit pattern.
                 state = self.seed_generator.state
-                word = _seed_state_value(self.seed & _LO32, state.dtype)
+                word = _seed_state_value(seed_lo, state.dtype)
                 state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
         self.built = True
-
-    # -- scalars
-
-    def _train_scale(self):
-        p = float(self.survival_prob)
-        if self.scaling == "training":
-            return 1.0 / p if p > 0 else 0.0
-        return 1.0
-
-    def _inference_scale(self):
-        return float(self.survival_prob) if self.scaling == "inference" else 1.0
 
     # -- call
 
@@ -162,56 +138,39 @@ class StochasticDepth(keras.layers.Layer):
         shortcut, residual = inputs
         shortcut = ops.convert_to_tensor(shortcut)
         residual = ops.convert_to_tensor(residual)
-        self._check_inputs(shortcut, residual)
-        training = bool(training)
-        if keras.backend.backend() == "torch":
-            return self._call_torch(shortcut, residual, training)
+        # This call's config, from the layer's attributes: validated here, once.
+        config = OpConfig(self.survival_prob, self.mode, self.axis, self.scaling, bool(training))
         if keras.backend.backend() == "jax":
-            return _jax_backend.call(self, shortcut, residual, training)
+            return _jax_backend.call(self, shortcut, residual, config)  # checks the arrays
         if self._use_tf_ops and not _tf_backend.in_xla_context():
-            return _tf_backend.call(self, shortcut, residual, training)
-        return self._call_ops(shortcut, residual, training)
+            return _tf_backend.call(self, shortcut, residual, config)  # checks the arrays
+        axis = self._check_inputs(shortcut, residual, config.axis)
+        if keras.backend.backend() == "torch":
+            return self._call_torch(shortcut, residual, config)
+        return self._call_ops(shortcut, residual, config, axis)
 
-    def _check_inputs(self, shortcut, residual):
-        s_dtype = keras.backend.standardize_dtype(shortcut.dtype)
-        r_dtype = keras.backend.standardize_dtype(residual.dtype)
-        if s_dtype != r_dtype:
-            raise TypeError(
-                f"shortcut and residual must have the same dtype, got {s_dtype} and {r_dtype}"
-            )
-        if s_dtype not in ("float16", "bfloat16", "float32", "float64"):
-            raise TypeError(
-                f"shortcut and residual must be float16, bfloat16, float32 or float64, "
-                f"got {s_dtype}"
-            )
-        s_shape, r_shape = tuple(shortcut.shape), tuple(residual.shape)
-        if len(s_shape) != len(r_shape) or any(
-            a is not None and b is not None and a != b for a, b in zip(s_shape, r_shape)
-        ):
-            raise ValueError(
-                f"shortcut and residual must have the same shape, got {s_shape} and {r_shape}"
-            )
-        rank = len(s_shape)
-        if rank < 1:
-            raise ValueError("shortcut and residual must have rank >= 1 (a sample axis)")
-        if not -rank <= self.axis < rank:
-            raise ValueError(f"axis {self.axis} is out of range for inputs of rank {rank}")
+    @staticmethod
+    def _check_inputs(shortcut, residual, axis):
+        """The two inputs' dtypes and shapes (None dimensions are unknown until run time);
+        returns the axis as an index."""
+        std = keras.backend.standardize_dtype
+        return check_arrays("residual", std(residual.dtype), tuple(residual.shape), axis,
+                            (std(shortcut.dtype), tuple(shortcut.shape)))
 
     def _seed_words(self):
         """The (seed_lo, offset) state of this training call, advancing the step."""
         return self.seed_generator.next()
 
-    def _call_ops(self, shortcut, residual, training):
+    def _call_ops(self, shortcut, residual, config, axis):
         dtype = keras.backend.standardize_dtype(shortcut.dtype)
         ct = _compute_dtype(dtype)
         sc = ops.cast(shortcut, ct) if ct != dtype else shortcut
         res = ops.cast(residual, ct) if ct != dtype else residual
-        if not training:
-            c = self._inference_scale()
+        if not config.training:
+            c = config.inference_scale
             out = sc + ops.multiply(_scalar(c, ct), res) if c != 1.0 else sc + res
             return ops.cast(out, dtype) if ct != dtype else out
         rank = len(shortcut.shape)
-        axis = self.axis % rank
         batch = shortcut.shape[axis]
         if batch is None:
             batch = ops.shape(shortcut)[axis]
@@ -222,33 +181,32 @@ class StochasticDepth(keras.layers.Layer):
             off_lo, off_hi = _low_word(offset), ops.cast(ops.right_shift(offset, 32), "uint32")
         else:
             off_lo, off_hi = _low_word(offset), 0
-        keep = keep_mask(batch, self.survival_prob, seed_lo, self._seed_hi, off_lo, off_hi,
-                         self.mode)
+        keep = keep_mask(batch, config.survival_prob, seed_lo, self._seed_hi, off_lo, off_hi,
+                         config.mode)
         bshape = [1] * rank
         bshape[axis] = -1
         keep = ops.reshape(keep, bshape)
-        s = self._train_scale()
+        s = config.train_scale
         # XLA may contract this multiply-add into an FMA (docs/design.md, "Arithmetic").
         kept = sc + ops.multiply(_scalar(s, ct), res) if s != 1.0 else sc + res
         out = ops.where(keep, kept, sc)
         return ops.cast(out, dtype) if ct != dtype else out
 
-    def _call_torch(self, shortcut, residual, training):
+    def _call_torch(self, shortcut, residual, config):
         sd_torch = _torch_module()
-        if not training:
+        if not config.training:
             return sd_torch.stochastic_depth(
-                shortcut, residual, float(self.survival_prob), training=False, mode=self.mode,
-                scaling=self.scaling, axis=self.axis,
+                shortcut, residual, config.survival_prob, training=False, mode=config.mode,
+                scaling=config.scaling, axis=config.axis,
             )
         # The state lives on the CPU; advance it there too (its increment would otherwise be
         # created on Keras's default device, a GPU when there is one).
         with keras.device("cpu"):
             seed_lo, offset = self._seed_words().tolist()
-        seed = (self._seed_hi << 32) | (seed_lo & _LO32)
-        offset &= _LO32
         return sd_torch.stochastic_depth(
-            shortcut, residual, float(self.survival_prob), training=True, mode=self.mode,
-            scaling=self.scaling, axis=self.axis, seed=seed, offset=offset,
+            shortcut, residual, config.survival_prob, training=True, mode=config.mode,
+            scaling=config.scaling, axis=config.axis, seed=join64(seed_lo, self._seed_hi),
+            offset=offset & LO32,
             # The mask is the layer's (seed, step) on every rank, as on the other backends.
             sync_across_ranks=True,
         )
@@ -271,7 +229,7 @@ class StochasticDepth(keras.layers.Layer):
         state = self.seed_generator.state
         # Saved on any backend: the seed word as a uint32 and the step, rewritten in this
         # backend's state dtype (int32 on torch stores the word as its bit pattern).
-        word = _seed_state_value(int(saved[0]) & _LO32, state.dtype)
+        word = _seed_state_value(int(saved[0]) & LO32, state.dtype)
         value = np.array([word, int(saved[1])])
         on_cpu = keras.backend.backend() == "torch"
         with keras.device("cpu") if on_cpu else contextlib.nullcontext():
@@ -305,5 +263,5 @@ def _low_word(x):
     if dtype == "uint32":
         return x
     if dtype in ("int64", "uint64"):
-        return ops.cast(ops.bitwise_and(x, ops.convert_to_tensor(_LO32, dtype=dtype)), "uint32")
+        return ops.cast(ops.bitwise_and(x, ops.convert_to_tensor(LO32, dtype=dtype)), "uint32")
     return ops.cast(x, "uint32")

@@ -5,16 +5,19 @@ Importing this package imports torch; `import stochdepth` never does. How the op
 path and the randomness work: docs/design.md, "Randomness in the adapters".
 
 Layout: `functional` and `modules` (the public API), `residual` (StochasticResidual), `_ops`
-(the custom ops and their autograd), `_kernels` (the op bodies), `_rng` ((seed, offset) and the
-seeded modules' state), `_mode` (the eager-or-op predicate), `_checks` (argument validation).
+(the custom ops and their autograd), `_kernels` (the op bodies), `_keys` ((seed, offset): `Rng`,
+the draws, the per-rank seed), `_seeded` (the seeded modules' state, `SeededMixin`), `_mode`
+(the eager-or-op predicate), `_checks` (the torch-specific argument checks; the shared ones are
+`stochdepth._op`).
 """
 
 from __future__ import annotations
 
+from ._keys import rank_seed
 from ._ops import drop_path_bwd, drop_path_fwd
-from ._rng import rank_seed
 from .functional import drop_path, stochastic_depth, torchvision_stochastic_depth
 from .modules import DropPath, StochasticDepth, TorchvisionStochasticDepth
+from .norm import StochasticDepthNorm, stochastic_depth_norm
 from .residual import StochasticResidual, stochastic_residual
 
 __all__ = [
@@ -29,4 +32,6 @@ __all__ = [
     "drop_path_bwd",
     "StochasticResidual",
     "stochastic_residual",
+    "stochastic_depth_norm",
+    "StochasticDepthNorm",
 ]

@@ -1,64 +1,34 @@
-"""Argument validation for the PyTorch adapter, in one place: every public function, module and
-custom op checks its arguments with these (docs/design.md, "Errors")."""
+"""The PyTorch adapter's own argument checks: tensors, the custom ops' `rng`, torchvision's
+messages. The checks of values shared with the other adapters (probabilities, seeds, mode,
+scaling, axis) and their messages are `stochdepth._op`'s (docs/design.md, "Errors")."""
 
 from __future__ import annotations
 
-import operator
-
-import numpy as np
 import torch
 from torch import Tensor
 
-M64 = (1 << 64) - 1
+from .. import _op
+from .._op import MODES, check_scaling
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MODES = ("row", "batch")
-SCALINGS = ("inference", "training")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's name as the shared validators spell it ("float32")."""
+    return str(dtype).rpartition(".")[2]
 
 
 def check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        _op.check_dtype(name, dtype_name(t.dtype))
 
 
 def check_prob(name: str, p) -> float:
-    """`p` as a float in [0, 1]. Python and NumPy numbers; bools and tensors are refused (a
-    tensor would force a device sync)."""
-    if isinstance(p, (bool, Tensor)) or not hasattr(p, "__float__"):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(p).__name__}")
-    if not 0.0 <= float(p) <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {p}")
-    return float(p)
-
-
-def check_mode(mode) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
-
-
-def check_scaling(scaling) -> None:
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
-
-
-def check_axis(axis) -> int:
-    """An integer axis (range is checked against the tensor later). 1.5 is an error, not 1."""
-    if isinstance(axis, bool):
-        raise TypeError("axis must be an integer, got bool")
-    try:
-        return operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
-
-
-def check_u64(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(value).__name__}")
-    value = int(value)
-    if not 0 <= value <= M64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value
+    """`p` as a float in [0, 1] (`_op.check_prob`: a tensor is refused, it would force a device
+    sync)."""
+    return float(_op.check_prob(name, p))
 
 
 RNG_DTYPES = (torch.int64, torch.uint64)
@@ -87,32 +57,21 @@ def check_torchvision(p, mode) -> None:
         raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
 
 
-def check_op_args(shortcut, residual, survival_prob, axis, scaling) -> None:
-    """What the kernels need of an op's arguments (also run by the fake kernels)."""
-    if residual.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"residual must be float16, bfloat16, float32 or float64, got {residual.dtype}"
+def check_tensors(shortcut, residual, axis: int, name: str = "residual") -> None:
+    """What the kernels need of a call's tensors: dtypes, shapes, a sample axis in range, one
+    device (`name`: the residual's name in the caller's signature)."""
+    pair = None if shortcut is None else (dtype_name(shortcut.dtype), tuple(shortcut.shape))
+    _op.check_arrays(name, dtype_name(residual.dtype), tuple(residual.shape), axis, pair)
+    if shortcut is not None and shortcut.device != residual.device:
+        raise ValueError(
+            f"shortcut and residual must be on the same device, got {shortcut.device} and "
+            f"{residual.device}"
         )
-    if residual.dim() < 1:
-        raise ValueError("residual must have rank >= 1 (a sample axis), got a 0-d tensor")
-    if not -residual.dim() <= axis < residual.dim():
-        raise ValueError(f"axis {axis} is out of range for a tensor of rank {residual.dim()}")
-    if shortcut is not None:
-        if shortcut.dtype != residual.dtype:
-            raise TypeError(
-                f"shortcut and residual must have the same dtype, got {shortcut.dtype} and "
-                f"{residual.dtype}"
-            )
-        if shortcut.shape != residual.shape:
-            raise ValueError(
-                f"shortcut and residual must have the same shape, got {tuple(shortcut.shape)} "
-                f"and {tuple(residual.shape)}"
-            )
-        if shortcut.device != residual.device:
-            raise ValueError(
-                f"shortcut and residual must be on the same device, got {shortcut.device} and "
-                f"{residual.device}"
-            )
-    if not 0.0 <= survival_prob <= 1.0:  # also rejects NaN
-        raise ValueError(f"survival_prob must be in [0, 1], got {survival_prob}")
+
+
+def check_op_args(shortcut, residual, survival_prob, axis, scaling) -> None:
+    """What the kernels need of a custom op's arguments (run by the op and its fake kernel: the
+    op is an entry of its own)."""
+    check_tensors(shortcut, residual, axis)
+    _op.check_prob("survival_prob", survival_prob)
     check_scaling(scaling)

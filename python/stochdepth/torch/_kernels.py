@@ -1,22 +1,24 @@
-"""The bodies of the PyTorch adapter's ops: concrete tensors and an `Rng` in, the library's kernels
+"""The bodies of the PyTorch adapter's ops: concrete tensors and a `Key` in, the library's kernels
 (`_core.run_raw` on raw pointers, on the caller's CUDA stream) run, new tensors out.
 
 The custom ops and the eager fast path both call exactly these functions, so both give the same
-bits (docs/design.md, "Arithmetic" and "Skipping dropped samples").
+bits (docs/design.md, "Arithmetic" and "Skipping dropped samples"). They check nothing: their
+arguments were checked once, at the entry of the call (a public function or module, or the custom
+op itself). Only the words' tensor is checked here, where its address is taken.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _core
 from .. import mask as _mask
-from ._checks import check_op_args, check_prob, check_scaling
-from ._rng import Rng, rank_words
+from ._keys import Key
 
 # Converted once here, not per call.
 _CORE_DTYPES = {
@@ -50,30 +52,27 @@ def use_lib_alloc(t: Tensor) -> bool:
     return t.is_cpu and t.numel() * t.element_size() >= LIB_ALLOC_BYTES
 
 
-def _key(rng, training: bool, rank: int):
-    """The pair the kernel uses: an Rng, or CUDA words (the rank's seed derived on the device)."""
+def _key_args(key: Optional[Key], training: bool, rank: int):
+    """run_raw's (seed, offset, words) for this call: zeros at inference (no mask is drawn),
+    else the key with the rank's seed (derived on the device for CUDA words)."""
     if not training:
-        return Rng(0, 0)  # no mask is drawn
-    if rng is None:
-        raise ValueError("rng (an int64 [seed, offset] tensor) is required when training")
-    if isinstance(rng, Tensor):
-        if rng.dtype == torch.uint64:  # the same words; torch's int64 ops wrap like uint64 ones
-            rng = rng.view(torch.int64)
-        return rank_words(rng, rank)
-    return rng.for_rank(rank)
+        return 0, 0, None
+    key = key.for_rank(rank)
+    return key.seed, key.offset, key.words
 
 
-def _words(key, src: Tensor):
+def _words(words: Optional[Tensor], src: Tensor):
     """The words run_raw's rng_words_ptr points to: None for host values, else CUDA words on
     `src`'s device, checked (run_raw can check only a pointer's alignment) and contiguous (read
     by the kernel when it runs: docs/design.md, "CUDA"). The caller keeps the returned tensor
     alive until the kernel is queued: a contiguous copy made here is the one it reads."""
-    if not isinstance(key, Tensor):
+    if words is None:
         return None
-    if key.device != src.device or key.dtype != torch.int64 or key.shape != (2,):
+    if words.device != src.device or words.dtype != torch.int64 or words.shape != (2,):
         raise ValueError(f"the words [seed, offset] must be an int64 tensor of shape (2,) on "
-                         f"{src.device}, got {key.dtype} {tuple(key.shape)} on {key.device}")
-    return key.contiguous()
+                         f"{src.device}, got {words.dtype} {tuple(words.shape)} on "
+                         f"{words.device}")
+    return words.contiguous()
 
 
 def dense(t: Tensor) -> Tensor:
@@ -83,15 +82,14 @@ def dense(t: Tensor) -> Tensor:
     return t.resolve_conj().resolve_neg().contiguous()
 
 
-def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+def _dense(shortcut, src, key, survival_prob, training, batch_mode, axis, scaling, rank):
     """shortcut + keep * s * src (shortcut None: keep * s * src) into a new contiguous tensor."""
     src = dense(src)
     if shortcut is not None:
         shortcut = dense(shortcut)
-    key = _key(rng, training, rank)
-    words = _words(key, src)  # alive until run_raw returns
+    seed, offset, words = _key_args(key, training, rank)
+    words = _words(words, src)  # alive until run_raw returns
     words_ptr = 0 if words is None else words.data_ptr()
-    seed, offset = (0, 0) if words is not None else key
     if use_lib_alloc(src):
         out = _core.forward(None if shortcut is None else shortcut.detach(), src.detach(),
                             float(survival_prob), bool(training), seed, offset,
@@ -118,17 +116,15 @@ def _dense(shortcut, src, rng, survival_prob, training, batch_mode, axis, scalin
     return out
 
 
-def forward(shortcut, residual, rng, survival_prob, training, batch_mode, axis, scaling, rank):
-    """drop_path_fwd: out = shortcut + keep * s * residual."""
-    check_op_args(shortcut, residual, survival_prob, axis, scaling)
-    return _dense(shortcut, residual, rng, survival_prob, training, batch_mode, axis, scaling,
+def forward(shortcut, residual, key, survival_prob, training, batch_mode, axis, scaling, rank):
+    """drop_path_fwd: out = shortcut + keep * s * residual (`key` a Key, None at inference)."""
+    return _dense(shortcut, residual, key, survival_prob, training, batch_mode, axis, scaling,
                   rank)
 
 
-def backward(grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+def backward(grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank):
     """drop_path_bwd: grad_residual = keep * s * grad_out, the single-input forward of grad_out."""
-    check_op_args(None, grad_out, survival_prob, axis, scaling)
-    return _dense(None, grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank)
+    return _dense(None, grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank)
 
 
 def library_copy(t: Tensor) -> Tensor:
@@ -148,16 +144,9 @@ def kept_count(batch: int, survival_prob: float, batch_mode: bool, seed: int, of
 
 
 def _compact(shortcut, src, out, rng, survival_prob, batch_mode, scaling, batch, compact_input):
-    """run_raw with compact rows along dim 0 (`batch` is the full batch size). The compact side's
-    row count is checked against the mask first: the kernel trusts it, and a wrong count would
-    read or write past a buffer."""
-    check_prob("survival_prob", survival_prob)
-    check_scaling(scaling)
-    if rng is None:
-        raise ValueError("rng (an int64 [seed, offset] tensor) is required")
-    if isinstance(rng, Tensor):
-        raise ValueError("compact rows need (seed, offset) on the host (the kept count sizes a "
-                         "tensor): not graph-safe (docs/design.md, \"CUDA\")")
+    """run_raw with compact rows along dim 0 (`batch` is the full batch size; `rng` a host Key,
+    the seed as used, rank included). The compact side's row count is checked against the mask
+    first: the kernel trusts it, and a wrong count would read or write past a buffer."""
     compact = src if compact_input else out
     n_kept = kept_count(batch, survival_prob, batch_mode, rng.seed, rng.offset)
     if compact.shape[0] != n_kept:

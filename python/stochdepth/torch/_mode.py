@@ -1,7 +1,8 @@
 """The one predicate that picks the PyTorch adapter's eager fast path over its custom ops.
 
-Every choice between the two paths in `stochdepth.torch` goes through `eager()`, and it holds the
-adapter's only uses of private torch APIs (docs/design.md, "Randomness in the adapters").
+Every choice between the two paths in `stochdepth.torch` goes through `eager()`. This file holds
+the adapter's only uses of private torch APIs (docs/design.md, "Randomness in the adapters"):
+those of `eager()`, and the two predicates that activation checkpointing needs (`_replay.py`).
 """
 
 from __future__ import annotations
@@ -32,3 +33,16 @@ def eager(*tensors) -> bool:
         if wrapped(t) or torch._is_functional_tensor(t):
             return False
     return True
+
+
+def in_backward() -> bool:
+    """True while an autograd backward runs on this thread (the engine's graph task is set)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def maybe_checkpointed() -> bool:
+    """False when no torch.utils.checkpoint can be around this call: grad enabled, no
+    saved-tensor hooks set and no backward running (an ordinary training call; _replay.py)."""
+    return (not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            or in_backward())

@@ -4,9 +4,12 @@ reuses that definition (docs/design.md, "Randomness in the adapters").
 Each op has one body (`_kernels`), one setup_context and one backward. `torch.library` registers
 them for the op; the eager fast path wraps the same three functions in a small
 `torch.autograd.Function`, which skips the dispatcher's per-call cost for plain eager tensors.
-`forward`, `backward`, `scatter` and `gather` below pick the path with `_mode.eager`; everything
-else in the adapter calls those four. Backward recomputes the mask from (seed, offset): an eager
-call keeps the pair as Python ints and saves no tensor; a traced one saves the 16-byte rng tensor.
+`forward`, `backward`, `scatter` and `gather` below run an op by the path that the call's entry
+chose (`eager`, from one `_mode.eager` at the entry: a public function or module, or a backward);
+everything else in the adapter calls those four. A registered op is an entry too
+(`torch.ops.stochdepth.*`): it checks its own arguments. Backward recomputes the mask from
+(seed, offset): an eager call keeps the pair as Python ints and saves no tensor; a traced one
+saves the 16-byte rng tensor.
 """
 
 from __future__ import annotations
@@ -16,9 +19,35 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _op
 from . import _kernels, _mode
 from ._checks import check_op_args, check_rng
-from ._rng import as_key, as_tensor
+from ._keys import Key
+
+# ---- the ops' own entries: their arguments checked, their rng read as the kernels take it -----
+
+
+def _op_key(rng: Optional[Tensor], training: bool) -> Optional[Key]:
+    """An op's `rng` as the kernels take it: None at inference (not read), else a Key (CUDA
+    words stay on the device: no host read, no sync)."""
+    if not training:
+        return None
+    if rng is None:
+        raise ValueError("rng (an int64 [seed, offset] tensor) is required when training")
+    return Key.of(rng)
+
+
+def _host_key(rng: Tensor, survival_prob: float, scaling: str) -> Key:
+    """The compact ops' rng and scalars, checked: the kept count sizes a tensor, so the pair must
+    be read on the host."""
+    _op.check_prob("survival_prob", survival_prob)
+    _op.check_scaling(scaling)
+    key = Key.of(rng)
+    if key.words is not None:
+        raise ValueError("compact rows need (seed, offset) on the host (the kept count sizes a "
+                         "tensor): not graph-safe (docs/design.md, \"CUDA\")")
+    return key
+
 
 # ---- the ops ----------------------------------------------------------------------------------
 
@@ -42,7 +71,8 @@ def drop_path_fwd(
     made contiguous; the output is a new C-contiguous tensor.
     """
     check_rng(rng)
-    return _kernels.forward(shortcut, residual, as_key(rng), survival_prob, training,
+    check_op_args(shortcut, residual, survival_prob, axis, scaling)
+    return _kernels.forward(shortcut, residual, _op_key(rng, training), survival_prob, training,
                             batch_mode, axis, scaling, rank)
 
 
@@ -69,8 +99,9 @@ def drop_path_bwd(
     The shortcut's gradient is grad_out itself and needs no op.
     """
     check_rng(rng)
-    return _kernels.backward(grad_out, as_key(rng), survival_prob, training, batch_mode, axis,
-                             scaling, rank)
+    check_op_args(None, grad_out, survival_prob, axis, scaling)
+    return _kernels.backward(grad_out, _op_key(rng, training), survival_prob, training,
+                             batch_mode, axis, scaling, rank)
 
 
 @drop_path_bwd.register_fake
@@ -89,8 +120,8 @@ def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival
     `rng` is the int64 [seed, offset] CPU tensor of the mask (the seed as used, rank included).
     """
     check_rng(rng)
-    return _kernels.scatter(shortcut, kept, as_key(rng), survival_prob, batch_mode, scaling,
-                            batch)
+    return _kernels.scatter(shortcut, kept, _host_key(rng, survival_prob, scaling),
+                            survival_prob, batch_mode, scaling, batch)
 
 
 @scatter_kept.register_fake
@@ -106,7 +137,8 @@ def gather_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: boo
     selection of the kept samples (the branch's input); with the op's scaling, the branch
     output's gradient."""
     check_rng(rng)
-    return _kernels.gather(full, as_key(rng), survival_prob, batch_mode, scaling, n_kept)
+    return _kernels.gather(full, _host_key(rng, survival_prob, scaling), survival_prob,
+                           batch_mode, scaling, n_kept)
 
 
 @gather_kept.register_fake
@@ -119,22 +151,31 @@ def _(full, rng, survival_prob, batch_mode, scaling, n_kept):
 
 
 def _keep_rng(ctx, rng) -> None:
-    """Keep (seed, offset) for backward: Python ints when the values can be read now, else (in a
-    traced graph) the 16-byte rng tensor, or CUDA words as they are (the graph-safe path: the
-    forward's own copy, so backward regenerates its mask). Never a mask or per-element data."""
-    ctx.rng_saved = isinstance(rng, Tensor) and not _mode.eager(rng)
-    if ctx.rng_saved:
-        ctx.save_for_backward(rng)
+    """Keep (seed, offset) for backward. The eager path's Key as it is: Python ints, or CUDA words
+    (the forward's own copy, so backward regenerates its mask). An op's rng: read now when its
+    values can be (the op called eagerly), else (in a traced graph) the 16-byte tensor, saved.
+    Never a mask or per-element data."""
+    ctx.rng_saved = False
+    if rng is None or isinstance(rng, Key):
+        ctx.key = rng
+    elif _mode.eager(rng):
+        ctx.key = Key.of(rng)
     else:
-        ctx.rng = as_key(rng)
+        ctx.rng_saved = True
+        ctx.save_for_backward(rng)
 
 
-def _kept_rng(ctx):
-    return ctx.saved_tensors[0] if ctx.rng_saved else ctx.rng
+def _kept_rng(ctx, eager: bool):
+    """The forward's pair in the form of the path this backward takes."""
+    if ctx.rng_saved:
+        rng = ctx.saved_tensors[0]
+        return Key.of(rng) if eager else rng
+    key = ctx.key
+    return key if eager or key is None else key.tensor()
 
 
-def _grad_shortcut(grad: Tensor) -> Tensor:
-    if _mode.eager(grad) and not torch.is_grad_enabled() and _kernels.use_lib_alloc(grad):
+def _grad_shortcut(eager: bool, grad: Tensor) -> Tensor:
+    if eager and not torch.is_grad_enabled() and _kernels.use_lib_alloc(grad):
         # A large CPU grad_out handed back as is is shared with the caller, so autograd must
         # copy it (a leaf's .grad, a sum with another branch's gradient) into a fresh torch
         # buffer that page-faults on first touch. A copy in a recycled library buffer is one
@@ -151,8 +192,11 @@ def _fwd_setup(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad):
-    g_res = backward(grad, _kept_rng(ctx), *ctx.args) if ctx.needs_input_grad[1] else None
-    g_sc = _grad_shortcut(grad) if ctx.has_shortcut and ctx.needs_input_grad[0] else None
+    eager = _mode.eager(grad)  # this backward's one decision
+    g_res = None
+    if ctx.needs_input_grad[1]:
+        g_res = backward(eager, grad, _kept_rng(ctx, eager), *ctx.args)
+    g_sc = _grad_shortcut(eager, grad) if ctx.has_shortcut and ctx.needs_input_grad[0] else None
     return g_sc, g_res, None, None, None, None, None, None, None
 
 
@@ -165,7 +209,9 @@ def _bwd_setup(ctx, inputs, output):
 def _bwd_backward(ctx, grad):
     # Linear in grad_out with the same per-sample factor: its own derivative, so double
     # backward works too.
-    return backward(grad, _kept_rng(ctx), *ctx.args), None, None, None, None, None, None, None
+    eager = _mode.eager(grad)
+    return (backward(eager, grad, _kept_rng(ctx, eager), *ctx.args), None, None, None, None,
+            None, None, None)
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -179,7 +225,8 @@ def _scatter_setup(ctx, inputs, output):
 def _scatter_backward(ctx, grad):
     g_kept = None
     if ctx.needs_input_grad[1]:
-        g_kept = gather(grad, _kept_rng(ctx), *ctx.args, ctx.n_kept)
+        eager = _mode.eager(grad)
+        g_kept = gather(eager, grad, _kept_rng(ctx, eager), *ctx.args, ctx.n_kept)
     g_sc = grad if ctx.has_shortcut and ctx.needs_input_grad[0] else None
     return g_sc, g_kept, None, None, None, None, None
 
@@ -193,7 +240,8 @@ def _gather_setup(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     # gather_kept is linear; its adjoint puts s * grad at the kept samples and 0 elsewhere.
-    g_full = scatter(None, grad, _kept_rng(ctx), *ctx.args, ctx.batch)
+    eager = _mode.eager(grad)
+    g_full = scatter(eager, None, grad, _kept_rng(ctx, eager), *ctx.args, ctx.batch)
     return g_full, None, None, None, None, None
 
 
@@ -224,36 +272,34 @@ _GatherFunction = _eager_function("_GatherFunction", _kernels.gather, _gather_se
                                   _gather_backward)
 
 
-def _dispatch(op, function, body, args: list, rng_at: int, *tensors):
-    """Run one op on `args` (its rng, an Rng or a tensor or None, at index `rng_at`): the body
-    directly when eager and no gradient is needed, the eager autograd.Function when one is, the
-    registered custom op otherwise."""
-    if _mode.eager(*tensors):
-        args[rng_at] = as_key(args[rng_at])
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return function.apply(*args)
-        return body(*args)
-    args[rng_at] = as_tensor(args[rng_at])
-    return op(*args)
+def _run(eager: bool, op, function, body, args: list, *tensors):
+    """Run one op on `args` by the path the entry chose: on the eager path the body directly when
+    no gradient is needed, the eager autograd.Function when one is; else the registered op."""
+    if not eager:
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return function.apply(*args)
+    return body(*args)
 
 
-def forward(shortcut, residual, rng, survival_prob, training, batch_mode, axis, scaling, rank):
-    """drop_path_fwd by the right path; `rng` an Rng, an int64 tensor or None."""
-    args = [shortcut, residual, rng, survival_prob, training, batch_mode, axis, scaling, rank]
-    return _dispatch(drop_path_fwd, _FwdFunction, _kernels.forward, args, 2, shortcut, residual)
+def forward(eager: bool, shortcut, residual, key, config: _op.OpConfig, rank: int):
+    """drop_path_fwd by the path `eager`: `key` a Key on the eager path, else the op's rng tensor
+    (None at inference on both)."""
+    args = [shortcut, residual, key, config.survival_prob, config.training, config.batch_mode,
+            config.axis, config.scaling, rank]
+    return _run(eager, drop_path_fwd, _FwdFunction, _kernels.forward, args, shortcut, residual)
 
 
-def backward(grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank):
-    args = [grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank]
-    return _dispatch(drop_path_bwd, _BwdFunction, _kernels.backward, args, 1, grad_out)
+def backward(eager, grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank):
+    args = [grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank]
+    return _run(eager, drop_path_bwd, _BwdFunction, _kernels.backward, args, grad_out)
 
 
-def scatter(shortcut, kept, rng, survival_prob, batch_mode, scaling, batch):
-    args = [shortcut, kept, rng, survival_prob, batch_mode, scaling, batch]
-    return _dispatch(scatter_kept, _ScatterFunction, _kernels.scatter, args, 2, shortcut, kept)
+def scatter(eager, shortcut, kept, key, survival_prob, batch_mode, scaling, batch):
+    args = [shortcut, kept, key, survival_prob, batch_mode, scaling, batch]
+    return _run(eager, scatter_kept, _ScatterFunction, _kernels.scatter, args, shortcut, kept)
 
 
-def gather(full, rng, survival_prob, batch_mode, scaling, n_kept):
-    args = [full, rng, survival_prob, batch_mode, scaling, n_kept]
-    return _dispatch(gather_kept, _GatherFunction, _kernels.gather, args, 1, full)
-
+def gather(eager, full, key, survival_prob, batch_mode, scaling, n_kept):
+    args = [full, key, survival_prob, batch_mode, scaling, n_kept]
+    return _run(eager, gather_kept, _GatherFunction, _kernels.gather, args, full)

@@ -8,9 +8,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops
-from ._checks import check_axis, check_mode, check_prob, check_tensor, check_torchvision
-from ._rng import for_call, rank_key
+from .._op import OpConfig
+from . import _mode, _ops
+from ._checks import check_prob, check_tensor, check_tensors, check_torchvision
+from ._keys import eager_key, rank_key, traced_rng
 
 
 def promote(shortcut: Optional[Tensor], residual: Tensor):
@@ -24,6 +25,19 @@ def promote(shortcut: Optional[Tensor], residual: Tensor):
         common = torch.promote_types(shortcut.dtype, residual.dtype)
         return shortcut.to(common), residual.to(common)
     return shortcut, residual
+
+
+def run(shortcut: Optional[Tensor], residual: Tensor, config: OpConfig, seed, offset, generator,
+        sync_across_ranks: bool, name: str = "residual") -> Tensor:
+    """The functions' common part, after their own checks: the tensors against `config`, then
+    the path chosen once (one `_mode.eager`) and the pair made in that path's form."""
+    check_tensors(shortcut, residual, config.axis, name)
+    rank = rank_key(sync_across_ranks)
+    if _mode.eager(shortcut, residual):
+        key = eager_key(seed, offset, generator, residual) if config.training else None
+        return _ops.forward(True, shortcut, residual, key, config, rank)
+    rng = traced_rng(seed, offset, generator, residual) if config.training else None
+    return _ops.forward(False, shortcut, residual, rng, config, rank)
 
 
 def stochastic_depth(
@@ -62,12 +76,8 @@ def stochastic_depth(
     A dropped sample's output is the shortcut bit for bit (zeros in the single-input form).
     """
     shortcut, residual = promote(shortcut, residual)
-    survival_prob = check_prob("survival_prob", survival_prob)
-    check_mode(mode)
-    axis = check_axis(axis)
-    rng = for_call(seed, offset, generator, residual) if training else None
-    return _ops.forward(shortcut, residual, rng, survival_prob, bool(training), mode == "batch",
-                        axis, scaling, rank_key(sync_across_ranks))
+    config = OpConfig(survival_prob, mode, axis, scaling, training)
+    return run(shortcut, residual, config, seed, offset, generator, sync_across_ranks)
 
 
 def drop_path(
@@ -90,12 +100,10 @@ def drop_path(
     """
     check_tensor("x", x)
     drop_prob = check_prob("drop_prob", drop_prob)
-    check_mode(mode)
+    config = OpConfig(1.0 - drop_prob, mode, 0, "training" if scale_by_keep else "inference")
     if drop_prob == 0.0 or not training:
         return x
-    return _ops.forward(None, x, for_call(seed, offset, generator, x), 1.0 - drop_prob, True,
-                        mode == "batch", 0, "training" if scale_by_keep else "inference",
-                        rank_key(sync_across_ranks))
+    return run(None, x, config, seed, offset, generator, sync_across_ranks, "x")
 
 
 def torchvision_stochastic_depth(
@@ -118,5 +126,5 @@ def torchvision_stochastic_depth(
     check_torchvision(p, mode)
     if not training or p == 0.0:
         return input
-    return _ops.forward(None, input, for_call(seed, offset, generator, input), 1.0 - float(p), True,
-                        mode == "batch", 0, "training", rank_key(sync_across_ranks))
+    config = OpConfig(1.0 - float(p), mode, 0, "training")
+    return run(None, input, config, seed, offset, generator, sync_across_ranks, "input")

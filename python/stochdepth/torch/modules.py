@@ -8,16 +8,11 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import _ops
-from ._checks import (
-    check_axis,
-    check_mode,
-    check_prob,
-    check_scaling,
-    check_tensor,
-    check_torchvision,
-)
-from ._rng import SeededMixin, rank_key
+from .._op import OpConfig
+from . import _mode, _ops
+from ._checks import check_prob, check_tensor, check_tensors, check_torchvision
+from ._keys import rank_key
+from ._seeded import SeededMixin
 from .functional import promote, torchvision_stochastic_depth
 
 
@@ -36,19 +31,21 @@ class StochasticDepth(SeededMixin, nn.Module):
     def __init__(self, survival_prob: float, *, mode: str = "row", scaling: str = "inference",
                  axis: int = 0, seed: Optional[int] = None, sync_across_ranks: bool = False):
         super().__init__()
-        self.survival_prob = check_prob("survival_prob", survival_prob)
-        check_mode(mode)
-        check_scaling(scaling)
-        self.mode = mode
-        self.scaling = scaling
-        self.axis = check_axis(axis)
+        config = OpConfig(survival_prob, mode, axis, scaling)
+        self.survival_prob = config.survival_prob
+        self.mode = config.mode
+        self.scaling = config.scaling
+        self.axis = config.axis
         self._init_rng(seed, sync_across_ranks)
 
     def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
         shortcut, residual = promote(shortcut, residual)
-        rng = self._next_rng(residual) if self.training else None
-        return _ops.forward(shortcut, residual, rng, self.survival_prob, self.training,
-                            self.mode == "batch", self.axis, self.scaling,
+        # The attributes as they are now (they may have been changed since __init__).
+        config = OpConfig(self.survival_prob, self.mode, self.axis, self.scaling, self.training)
+        eager = _mode.eager(self._rng_state, shortcut, residual)  # this call's one decision
+        key = self._next_rng(residual, eager) if config.training else None
+        check_tensors(shortcut, residual, config.axis)
+        return _ops.forward(eager, shortcut, residual, key, config,
                             rank_key(self.sync_across_ranks))
 
     def extra_repr(self) -> str:
@@ -67,8 +64,7 @@ class DropPath(SeededMixin, nn.Module):
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True, *, mode: str = "row",
                  seed: Optional[int] = None, sync_across_ranks: bool = False):
         super().__init__()
-        check_prob("drop_prob", drop_prob)
-        check_mode(mode)
+        OpConfig(1.0 - check_prob("drop_prob", drop_prob), mode)  # checks mode
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
         self.mode = mode
@@ -77,13 +73,15 @@ class DropPath(SeededMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        rng = self._next_rng(x)  # advance even when drop_prob == 0: one offset per training call
+        eager = _mode.eager(self._rng_state, x)  # this call's one decision
+        key = self._next_rng(x, eager)  # advance even when drop_prob == 0: one per training call
         if self.drop_prob == 0.0:
             return x
         check_tensor("x", x)
-        return _ops.forward(None, x, rng, 1.0 - float(self.drop_prob), True, self.mode == "batch",
-                            0, "training" if self.scale_by_keep else "inference",
-                            rank_key(self.sync_across_ranks))
+        config = OpConfig(1.0 - float(self.drop_prob), self.mode, 0,
+                          "training" if self.scale_by_keep else "inference")
+        check_tensors(None, x, 0, "x")
+        return _ops.forward(eager, None, x, key, config, rank_key(self.sync_across_ranks))
 
     def extra_repr(self) -> str:
         # timm's text exactly, plus the seed when one is set.
@@ -107,13 +105,15 @@ class TorchvisionStochasticDepth(SeededMixin, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return torchvision_stochastic_depth(input, self.p, self.mode, False)
-        rng = self._next_rng(input)
+        eager = _mode.eager(self._rng_state, input)  # this call's one decision
+        key = self._next_rng(input, eager)
         check_tensor("input", input)
         check_torchvision(self.p, self.mode)
         if self.p == 0.0:
             return input
-        return _ops.forward(None, input, rng, 1.0 - float(self.p), True, self.mode == "batch", 0,
-                            "training", rank_key(self.sync_across_ranks))
+        config = OpConfig(1.0 - float(self.p), self.mode, 0, "training")
+        check_tensors(None, input, 0, "input")
+        return _ops.forward(eager, None, input, key, config, rank_key(self.sync_across_ranks))
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(p={self.p}, mode={self.mode}{self._seed_repr()})"

@@ -15,20 +15,22 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _mode, _ops
-from ._checks import check_mode, check_prob, check_scaling, check_tensor
+from .. import _op
+from .._op import OpConfig
+from . import _mode, _ops, functional
+from ._checks import check_tensor
 from ._kernels import kept_count
+from ._keys import Key, Rng, capturing, draw, host_rng, rank_key
 from ._ops import gather_kept, scatter_kept
-from ._rng import SeededMixin, as_host, capturing, for_call, rank_key
-from .functional import stochastic_depth
+from ._seeded import SeededMixin
 
 __all__ = ["StochasticResidual", "stochastic_residual", "scatter_kept", "gather_kept"]
 
 
-def _settle(rng, rank, batch, survival_prob, batch_mode):
+def _settle(rng: Rng, rank, batch, survival_prob, batch_mode):
     """(the pair with this rank's seed, how many samples its mask keeps), on the host."""
-    rng = as_host(rng).for_rank(rank)
-    return rng, kept_count(batch, survival_prob, batch_mode, rng.seed, rng.offset)
+    rng = rng.for_rank(rank)
+    return Key(*rng), kept_count(batch, survival_prob, batch_mode, rng.seed, rng.offset)
 
 
 # Under torch.compile the mask is settled outside the graph: at most one deliberate graph break
@@ -36,8 +38,11 @@ def _settle(rng, rank, batch, survival_prob, batch_mode):
 # so a new offset does not recompile; the kept count becomes a dynamic size.
 @torch.compiler.disable
 def _settle_outside_graph(rng, rank, batch, survival_prob, batch_mode):
-    rng, n_kept = _settle(rng, rank, batch, survival_prob, batch_mode)
-    return rng.tensor(), n_kept
+    # `rng` as the traced code holds it: an Rng given as constants, or a CPU tensor (a draw in
+    # the graph, or the module's state), read here, outside the graph.
+    key, n_kept = _settle(Rng.of(rng) if isinstance(rng, Tensor) else rng, rank, batch,
+                          survival_prob, batch_mode)
+    return key.tensor(), n_kept
 
 
 @torch.compiler.disable
@@ -47,21 +52,23 @@ def _module_rng_outside_graph(module) -> Tensor:
     return module._host_rng().tensor()
 
 
-def _residual(x, branch, survival_prob, mode, scaling, rng, rank):
-    """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`."""
-    batch, batch_mode = x.shape[0], mode == "batch"
+def _residual(eager, x, branch, config, rng, rank):
+    """Training: run `branch` on the kept samples of `x` only, then scatter-add into `x`. The
+    path is the entry's (`eager`): `rng` is then a host Rng, else what _settle_outside_graph
+    reads."""
+    batch, p, batch_mode = x.shape[0], config.survival_prob, config.batch_mode
     if capturing(x):
         raise RuntimeError(
             "StochasticResidual cannot be captured in a CUDA graph: the kept count sizes the "
             "branch's input, so the mask is read on the host (docs/design.md, \"CUDA\"); use "
             "StochasticDepth or drop_path in captured code")
-    settle = _settle if _mode.eager(x) else _settle_outside_graph
-    rng, n_kept = settle(rng, rank, batch, survival_prob, batch_mode)
+    settle = _settle if eager else _settle_outside_graph
+    key, n_kept = settle(rng, rank, batch, p, batch_mode)
     if n_kept == 0:
         return x  # nothing kept ("batch" mode, or p = 0): the branch does not run at all
     # The kept samples, gathered by the library's kernel with factor 1 (scaling "inference").
-    kept_x = x if n_kept == batch else _ops.gather(x, rng, survival_prob, batch_mode,
-                                                   "inference", n_kept)
+    kept_x = x if n_kept == batch else _ops.gather(eager, x, key, p, batch_mode, "inference",
+                                                   n_kept)
     y = branch(kept_x)
     if y.shape[1:] != x.shape[1:] or y.shape[0] != n_kept:
         raise ValueError(f"branch must keep the shape of its input, got {tuple(y.shape)} for "
@@ -69,17 +76,18 @@ def _residual(x, branch, survival_prob, mode, scaling, rng, rank):
     if y.dtype != x.dtype:
         common = torch.promote_types(x.dtype, y.dtype)
         x, y = x.to(common), y.to(common)
-    return _ops.scatter(x, y, rng, survival_prob, batch_mode, scaling, batch)
+    return _ops.scatter(eager, x, y, key, p, batch_mode, config.scaling, batch)
 
 
-def _check(x, survival_prob, mode, scaling) -> float:
+def _check_x(x) -> None:
     check_tensor("x", x)
-    survival_prob = check_prob("survival_prob", survival_prob)
-    check_mode(mode)
-    check_scaling(scaling)
-    if x.dim() < 1:
-        raise ValueError("x must have rank >= 1 (a sample axis), got a 0-d tensor")
-    return survival_prob
+    _op.check_rank("x", x.dim())
+
+
+def _inference(x, branch, config) -> Tensor:
+    """x + c * branch(x), through the functions' common part (the config already checked)."""
+    shortcut, residual = functional.promote(x, branch(x))
+    return functional.run(shortcut, residual, config, None, 0, None, False)
 
 
 def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool = True, *,
@@ -92,11 +100,14 @@ def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool 
     branch that treats samples independently the result is the same; a branch with batch
     statistics (BatchNorm in training mode) sees only the kept samples, so its outputs differ.
     """
-    survival_prob = _check(x, survival_prob, mode, scaling)
-    if not training:
-        return stochastic_depth(x, branch(x), survival_prob, False, mode=mode, scaling=scaling)
-    return _residual(x, branch, survival_prob, mode, scaling, for_call(seed, offset, generator),
-                     rank_key(sync_across_ranks))
+    _check_x(x)
+    config = OpConfig(survival_prob, mode, 0, scaling, training)
+    if not config.training:
+        return _inference(x, branch, config)
+    eager = _mode.eager(x)  # this call's one decision
+    # Inside a traced graph an unseeded draw stays a graph value (read outside the graph).
+    rng = draw(generator) if seed is None and not eager else host_rng(seed, offset, generator)
+    return _residual(eager, x, branch, config, rng, rank_key(sync_across_ranks))
 
 
 class StochasticResidual(SeededMixin, nn.Module):
@@ -118,21 +129,22 @@ class StochasticResidual(SeededMixin, nn.Module):
                  scaling: str = "inference", seed: Optional[int] = None,
                  sync_across_ranks: bool = False):
         super().__init__()
-        self.survival_prob = check_prob("survival_prob", survival_prob)
-        check_mode(mode)
-        check_scaling(scaling)
+        config = OpConfig(survival_prob, mode, 0, scaling)
+        self.survival_prob = config.survival_prob
         self.branch = branch
-        self.mode = mode
-        self.scaling = scaling
+        self.mode = config.mode
+        self.scaling = config.scaling
         self._init_rng(seed, sync_across_ranks)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return stochastic_depth(x, self.branch(x), self.survival_prob, False, mode=self.mode,
-                                    scaling=self.scaling)
-        rng = self._host_rng() if _mode.eager(x) else _module_rng_outside_graph(self)
-        return _residual(x, self.branch, self.survival_prob, self.mode, self.scaling, rng,
-                         rank_key(self.sync_across_ranks))
+        # The attributes as they are now (they may have been changed since __init__).
+        config = OpConfig(self.survival_prob, self.mode, 0, self.scaling, self.training)
+        if not config.training:
+            return _inference(x, self.branch, config)
+        _check_x(x)
+        eager = _mode.eager(x)  # this call's one decision
+        rng = self._host_rng() if eager else _module_rng_outside_graph(self)
+        return _residual(eager, x, self.branch, config, rng, rank_key(self.sync_across_ranks))
 
     def extra_repr(self) -> str:
         return (f"survival_prob={self.survival_prob}, mode={self.mode!r}, "
