@@ -2,8 +2,9 @@
 // TensorFlow's C API for ops and kernels (tensorflow/c/ops.h, tensorflow/c/kernels.h), so that
 // the library depends on TensorFlow's C symbols only, never on its C++ ABI. Loaded by
 // stochdepth.tensorflow with tf.load_op_library; the registrations below run when it is loaded.
-// The kernels run the core that `_core` loaded, through the entry table it hands over
-// (core_entry.h), set by stochdepth_tf_connect. (seed, offset) arrive as a uint32[4] input, so
+// The kernels fill the core's DropPathParams (ffi/op_params.h) and run the core that `_core`
+// loaded, through the entry table it hands over (core_entry.h), set by stochdepth_tf_connect, as
+// the XLA FFI handlers (jax_ffi.cc) do. (seed, offset) arrive as a uint32[4] input, so
 // a new key under tf.function reuses the traced graph (docs/design.md, "Randomness in the
 // adapters"). The survival probability is a float64 input: an op attribute "float" is a
 // float32, and the threshold floor(p * 2^32) needs p exactly.
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "ffi/ieee_subnormals.h"
+#include "ffi/op_params.h"
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
 #include "tensorflow/c/kernels.h"
@@ -136,6 +138,7 @@ struct Inputs {
   TF_Tensor* key = nullptr;
   TF_Tensor* prob = nullptr;
   TF_Tensor* out = nullptr;
+  std::vector<int64_t> dims;  // the input's shape, the output's too
   ~Inputs() {
     for (TF_Tensor* t : {shortcut, input, key, prob, out}) {
       if (t != nullptr) TF_DeleteTensor(t);
@@ -174,24 +177,18 @@ std::string fill_params(DropPathParams& params, const Config& cfg, Inputs& in) {
   if (in.shortcut != nullptr && !same_shape(in.shortcut, in.input)) {
     return "stochdepth: shortcut and residual must have the same shape and dtype";
   }
-  const int64_t rank = TF_NumDims(in.input);
-  if (rank < 1 || cfg.axis < 0 || cfg.axis >= rank) {
+  const int rank = TF_NumDims(in.input);
+  in.dims.resize(static_cast<size_t>(rank));
+  for (int i = 0; i < rank; ++i) in.dims[static_cast<size_t>(i)] = TF_Dim(in.input, i);
+  if (!stochdepth::set_layout(params, in.dims, rank, cfg.axis)) {
     return "stochdepth: axis " + std::to_string(cfg.axis) + " is out of range for rank " +
            std::to_string(rank);
   }
-  int64_t outer = 1, inner = 1;
-  for (int64_t i = 0; i < cfg.axis; ++i) outer *= TF_Dim(in.input, static_cast<int>(i));
-  for (int64_t i = cfg.axis + 1; i < rank; ++i) inner *= TF_Dim(in.input, static_cast<int>(i));
-  params.outer = outer;
-  params.batch = TF_Dim(in.input, static_cast<int>(cfg.axis));
-  params.inner = inner;
   params.shortcut = in.shortcut != nullptr ? TF_TensorData(in.shortcut) : nullptr;
   params.input = TF_TensorData(in.input);
   params.training = cfg.training;
   params.batch_mode = cfg.batch_mode;
-  const auto* k = static_cast<const uint32_t*>(TF_TensorData(in.key));
-  params.seed = (static_cast<uint64_t>(k[1]) << 32) | k[0];
-  params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
+  stochdepth::set_key(params, static_cast<const uint32_t*>(TF_TensorData(in.key)));
   g_entry.load()->set_scalars(params, p,
                               cfg.training_scaling ? Scaling::kTraining : Scaling::kInference);
   return "";
@@ -225,11 +222,8 @@ void compute_kernel(void* kernel, TF_OpKernelContext* ctx) {
     fail(ctx, g_entry.load() == nullptr ? TF_FAILED_PRECONDITION : TF_INVALID_ARGUMENT, error);
     return;
   }
-  const int rank = TF_NumDims(in.input);
-  std::vector<int64_t> dims(static_cast<size_t>(rank));
-  for (int i = 0; i < rank; ++i) dims[static_cast<size_t>(i)] = TF_Dim(in.input, i);
-  in.out = TF_AllocateOutput(ctx, 0, TF_TensorType(in.input), dims.data(), rank,
-                             TF_TensorByteSize(in.input), status);
+  in.out = TF_AllocateOutput(ctx, 0, TF_TensorType(in.input), in.dims.data(),
+                             static_cast<int>(in.dims.size()), TF_TensorByteSize(in.input), status);
   if (TF_GetCode(status) != TF_OK) {
     TF_OpKernelContext_Failure(ctx, status);
     TF_DeleteStatus(status);

@@ -47,6 +47,35 @@ def test_tf_layer_step_is_the_custom_op(rng):
     assert "BitwiseXor" not in ops  # no Philox in integer ops
 
 
+def test_tf_layer_calls_the_public_apply(rng, monkeypatch):
+    """The hook calls stochdepth.tensorflow.apply with the layer's OpConfig and the words of
+    its (seed, step), and nothing private of the TensorFlow adapter."""
+    layer = StochasticDepth(0.25, seed=2**35 + 3, mode="batch", scaling="training", axis=-1)
+    if not layer._use_tf_ops:
+        pytest.skip("no TensorFlow ops in this build")  # fails the outer run: not allowed
+    import stochdepth.tensorflow as sdt
+    from stochdepth._op import OpConfig
+
+    calls = []
+    real = sdt.apply
+
+    def spy(shortcut, residual, words, config):
+        calls.append((to_np(words).tolist(), config))
+        return real(shortcut, residual, words, config)
+
+    monkeypatch.setattr(sdt, "apply", spy)
+    sc, res = pair(rng, (4, 6))
+    for n in range(2):
+        out = to_np(layer([sc, res], training=True))
+        assert_same(out, reference.forward(sc, res, 0.25, seed=2**35 + 3, offset=n, mode="batch",
+                                           scaling="training", axis=-1))
+    layer([sc, res], training=False)
+    config = OpConfig(0.25, "batch", -1, "training", True)
+    assert calls[0] == ([3, 8, 0, 0], config)
+    assert calls[1] == ([3, 8, 1, 0], config)
+    assert calls[2][1] == OpConfig(0.25, "batch", -1, "training", False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scaling", ["inference", "training"])
 @pytest.mark.parametrize("mode", ["row", "batch"])

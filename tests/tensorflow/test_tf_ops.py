@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 from sd_testutil import BF16, DTYPES, assert_bits_equal, random_array
+from stochdepth._op import OpConfig
 
 import stochdepth
 from stochdepth import reference
@@ -70,6 +71,41 @@ def test_numpy_inputs_and_bfloat16_round_trip(rng):
     got = sdt.stochastic_depth(a, b, 0.5, seed=3)  # NumPy arrays in, a tensor out
     assert got.dtype == tf.bfloat16
     assert_bits_equal(_np(got), want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_apply_is_the_functions_with_a_config_and_words(rng, training):
+    """apply(shortcut, residual, words, config), as stochdepth.jax.apply: the words and the
+    OpConfig the functions make give the functions' outputs; a graph tensor of words under
+    tf.function is a new mask per value without retracing."""
+    a, b = _pair(rng, np.float32)
+    config = OpConfig(0.7, "batch", -1, "training", training)
+    words = sdt.key_words(2**33 + 5, 6)
+    kw = dict(training=training, mode="batch", axis=-1, scaling="training")
+    want = reference.forward(a, b, 0.7, seed=2**33 + 5, offset=6, **kw)
+    assert_bits_equal(_np(sdt.apply(_tf(a), _tf(b), words, config)), want)
+    assert_bits_equal(_np(sdt.apply(None, b, words, config)),
+                      reference.forward(None, b, 0.7, seed=2**33 + 5, offset=6, **kw))
+    traces = []
+
+    @tf.function
+    def step(words):
+        traces.append(1)
+        return sdt.apply(None, _tf(b), words, OpConfig(0.5, axis=1))
+
+    for n in range(3):
+        got = _np(step(sdt.key_words(9, n)))
+        assert_bits_equal(got, reference.forward(None, b, 0.5, seed=9, offset=n, axis=1))
+    assert len(traces) == 1
+
+
+def test_apply_checks_the_tensors():
+    x = tf.ones((4, 3))
+    words = sdt.key_words(1, 0)
+    with pytest.raises(ValueError, match=r"same shape, got \(4, 3\) and \(3, 3\)"):
+        sdt.apply(x, tf.ones((3, 3)), words, OpConfig(0.5))
+    with pytest.raises(ValueError, match="axis 2 is out of range for inputs of rank 2"):
+        sdt.apply(None, x, words, OpConfig(0.5, axis=2))
 
 
 def _grads(fn, *xs, w):
@@ -187,13 +223,16 @@ def test_zero_size_and_inference_without_seed():
     [
         (dict(survival_prob=1.5), ValueError, r"survival_prob must be in \[0, 1\], got 1.5"),
         (dict(survival_prob=float("nan")), ValueError, "survival_prob must be in"),
-        (dict(survival_prob=True), TypeError, "survival_prob must be a Python real number"),
+        (dict(survival_prob=True), TypeError,
+         r"survival_prob must be a real number in \[0, 1\] \(a Python or NumPy number"),
         (dict(survival_prob=tf.constant(0.5)), TypeError,
-         "survival_prob must be a Python real number"),
+         "survival_prob must be a real number .* got EagerTensor"),
         (dict(mode="token"), ValueError, "mode must be 'row' or 'batch', got 'token'"),
         (dict(scaling="timm"), ValueError, "scaling must be 'inference' or 'training'"),
         (dict(seed=None), ValueError, r"seed is required when training=True"),
-        (dict(seed=True), TypeError, "seed must be an integer, got bool"),
+        (dict(seed=True), TypeError, r"seed must be an integer in \[0, 2\*\*64\), got bool"),
+        (dict(offset=np.bool_(True)), TypeError,
+         r"offset must be an integer in \[0, 2\*\*64\), got bool"),
         (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\), got -1"),
         (dict(offset=2**64), ValueError, r"offset must be in \[0, 2\*\*64\)"),
         (dict(seed=1.5), TypeError, "seed must be an integer or an integer scalar tensor, "
@@ -202,11 +241,14 @@ def test_zero_size_and_inference_without_seed():
         (dict(offset=tf.constant([1, 2])), TypeError,
          r"offset must be an integer or an integer scalar tensor, got int32\[2\]"),
         (dict(offset=tf.constant(1.0)), TypeError, r"got float32\[\]"),
-        (dict(axis=3), ValueError, "axis 3 is out of range for inputs of rank 2"),
-        (dict(axis=1.0), TypeError, "axis must be an int, got float"),
+        (dict(axis=3), ValueError,
+         r"axis 3 is out of range for inputs of rank 2 \(expected -2 <= axis < 2\)"),
+        (dict(axis=1.0), TypeError, "axis must be an integer, got float"),
+        (dict(axis=True), TypeError, "axis must be an integer, got bool"),
     ],
 )
-def test_errors_match_the_jax_functions(kwargs, exc, match):
+def test_errors_are_the_shared_ones(kwargs, exc, match):
+    """The messages of stochdepth._op, as every adapter gives them."""
     args = dict(survival_prob=0.5, seed=1, offset=0)
     args.update(kwargs)
     p = args.pop("survival_prob")
@@ -217,15 +259,25 @@ def test_errors_match_the_jax_functions(kwargs, exc, match):
 
 def test_input_errors():
     x = tf.ones((4, 3))
-    with pytest.raises(TypeError, match="inputs must be float16, bfloat16, float32 or float64, "
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64, "
                                         "got int32"):
         sdt.drop_path(tf.ones((4, 3), tf.int32), 0.5, seed=1)
+    with pytest.raises(TypeError, match="residual must be float16, bfloat16, float32 or float64, "
+                                        "got int64"):
+        sdt.stochastic_depth(tf.ones((4, 3), tf.int64), tf.ones((4, 3), tf.int64), 0.5, seed=1)
+    with pytest.raises(TypeError, match="shortcut must be a tensor or array, got NoneType"):
+        sdt.stochastic_depth(None, x, 0.5, seed=1)
     with pytest.raises(TypeError, match="same dtype, got float32 and float64"):
         sdt.stochastic_depth(x, tf.ones((4, 3), tf.float64), 0.5, seed=1)
     with pytest.raises(ValueError, match=r"same shape, got \(4, 3\) and \(4, 2\)"):
         sdt.stochastic_depth(x, tf.ones((4, 2)), 0.5, seed=1)
-    with pytest.raises(ValueError, match=r"rank >= 1"):
+    with pytest.raises(ValueError, match=r"x must have rank >= 1 \(a sample axis\), got a 0-d"):
         sdt.drop_path(tf.constant(1.0), 0.5, seed=1)
+    # The sample axis is an op attribute: a tensor of unknown rank cannot be traced.
+    unknown = tf.function(lambda x: sdt.drop_path(x, 0.5, seed=1),
+                          input_signature=[tf.TensorSpec(None, tf.float32)])
+    with pytest.raises(ValueError, match="x must have a known rank"):
+        unknown.get_concrete_function()
 
 
 def test_raw_op_checks_its_inputs():

@@ -1,5 +1,5 @@
 """The Keras layer on the TensorFlow backend: `StochasticDepth.call` hands its tensors to
-`stochdepth.tensorflow`, the library's kernels as TensorFlow custom ops, gradients included.
+`stochdepth.tensorflow.apply`, the library's kernels as TensorFlow custom ops, gradients included.
 
 Used when this build has the TensorFlow ops and they load into the running TensorFlow
 (`available()`); otherwise the layer keeps its Keras-ops path (`_philox.keep_mask`), which gives
@@ -8,14 +8,13 @@ False`: Keras's `jit_compile="auto"` then leaves XLA off for the model, and an e
 `jit_compile=True` is turned off with Keras's warning. Inside a function that XLA compiles
 anyway (`tf.function(jit_compile=True)` around the layer), the layer takes the Keras-ops path.
 Training call n uses the mask of (seed, offset=n), as on every backend (docs/design.md,
-"Randomness in the adapters").
+"Randomness in the adapters"): the SeedGenerator state [seed & 0xFFFFFFFF, step] and the seed's
+constant high word become the key input.
 """
 
 from __future__ import annotations
 
 import functools
-
-_LO32 = 0xFFFFFFFF
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,18 +38,15 @@ def in_xla_context():
     return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
-def call(layer, shortcut, residual, training):
+def call(layer, shortcut, residual, config):
+    """The layer's output for `config` (an OpConfig the layer made for this call); the tensors
+    are checked by `stochdepth.tensorflow.apply`, once."""
     import tensorflow as tf
 
     import stochdepth.tensorflow as sdt
-    from stochdepth.tensorflow import _ops
 
-    p = float(layer.survival_prob)
-    if not training:
-        return sdt.stochastic_depth(shortcut, residual, p, training=False, mode=layer.mode,
-                                    axis=layer.axis, scaling=layer.scaling)
-    ax = sdt._check_arrays((shortcut, residual), layer.axis)
-    p, cfg = sdt._config(p, True, layer.mode, ax, layer.scaling)
+    if not config.training:
+        return sdt.apply(shortcut, residual, tf.zeros((4,), tf.uint32), config)
     state = layer._seed_words()  # [seed & 0xFFFFFFFF, step], int64 on this backend
     seed_lo = tf.cast(state[0], tf.uint32)
     step = state[1]
@@ -59,5 +55,5 @@ def call(layer, shortcut, residual, training):
         off_hi = tf.cast(tf.bitwise.right_shift(step, tf.constant(32, step.dtype)), tf.uint32)
     else:
         off_lo, off_hi = tf.cast(step, tf.uint32), tf.constant(0, tf.uint32)
-    key = tf.stack([seed_lo, tf.constant(layer._seed_hi & _LO32, tf.uint32), off_lo, off_hi])
-    return _ops.residual_op(shortcut, residual, key, tf.constant(p, tf.float64), cfg)
+    words = tf.stack([seed_lo, tf.constant(layer._seed_hi, tf.uint32), off_lo, off_hi])
+    return sdt.apply(shortcut, residual, words, config)

@@ -16,7 +16,9 @@ counter in a `tf.Variable`, say) draws a new mask without retracing. Accepted:
 - TensorFlow integer scalars (tensors or variables): 32-bit and narrower values are read as their
   32-bit pattern (an int32 -1 is 2**32 - 1), 64-bit ones as their 64-bit pattern.
 
-`survival_prob`, `training`, `mode`, `axis` and `scaling` are Python values, checked here.
+`survival_prob`, `training`, `mode`, `axis` and `scaling` are Python values (op attributes: a
+new value traces anew), validated once by `stochdepth._op.OpConfig`. A caller that holds its key
+words already (the Keras layer on the TensorFlow backend) calls `apply`.
 
 Loading: importing this module loads the op library into TensorFlow (`tf.load_op_library`) and
 registers the gradients; a SavedModel that uses the ops needs `import stochdepth.tensorflow`
@@ -31,47 +33,32 @@ XLA off).
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import tensorflow as tf
 
+from .. import _op
+from .._op import OpConfig
 from . import _ops
 from ._load import BUILT_AGAINST, MIN_TF
 
-__all__ = ["stochastic_depth", "drop_path", "key_words", "BUILT_AGAINST", "MIN_TF"]
-
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_LO32 = 0xFFFFFFFF
+__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "BUILT_AGAINST", "MIN_TF"]
 
 
-def _check_prob(p):
-    if isinstance(p, np.generic):
-        p = p.item()
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(
-            "survival_prob must be a Python real number in [0, 1] (a static value; a traced "
-            f"value is not supported), got {type(p).__name__}"
-        )
-    if not 0 <= p <= 1:  # also rejects NaN
-        raise ValueError(f"survival_prob must be in [0, 1], got {p}")
-    return float(p)
-
-
-def _is_tensor(value):
-    return isinstance(value, (tf.Tensor, tf.Variable)) or tf.is_tensor(value)
+def _as_tensor(value, name):
+    """tf.convert_to_tensor(value), its failure a TypeError that names the argument."""
+    try:
+        return tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} that "
+                        f"TensorFlow cannot read as a tensor ({e})") from e
 
 
 def _words32(name, value):
     """(lo, hi) uint32 words of an integer seed or offset: host ints or TF integer scalars."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got bool")
-    if isinstance(value, (int, np.integer)):
-        value = int(value)
-        if not 0 <= value < 2**64:
-            raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-        return tf.constant(value & _LO32, tf.uint32), tf.constant(value >> 32, tf.uint32)
-    if not _is_tensor(value):
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        lo, hi = _op.split64(_op.check_u64(name, value))
+        return tf.constant(lo, tf.uint32), tf.constant(hi, tf.uint32)
+    if not tf.is_tensor(value):  # tf.Variable included
         raise TypeError(
             f"{name} must be an integer or an integer scalar tensor, got {type(value).__name__}")
     dtype = tf.as_dtype(value.dtype)
@@ -90,67 +77,50 @@ def _words32(name, value):
 
 def key_words(seed, offset=0):
     """The uint32[4] input [seed_lo, seed_hi, offset_lo, offset_hi] for (seed, offset)."""
-    if seed is None:
-        raise ValueError("seed is required when training=True (the mask is drawn)")
+    _op.check_seed_given(seed)
     s_lo, s_hi = _words32("seed", seed)
     o_lo, o_hi = _words32("offset", offset)
     return tf.stack([s_lo, s_hi, o_lo, o_hi])
 
 
-def _check_arrays(arrays, axis):
-    first = arrays[0]
-    dtype = tf.as_dtype(first.dtype)
-    if dtype.name not in _DTYPES:
-        raise TypeError(f"inputs must be float16, bfloat16, float32 or float64, got {dtype.name}")
-    for other in arrays[1:]:
-        if tf.as_dtype(other.dtype) != dtype:
-            raise TypeError(
-                f"shortcut and residual must have the same dtype, got {dtype.name} and "
-                f"{tf.as_dtype(other.dtype).name}"
-            )
-        if not first.shape.is_compatible_with(other.shape) or (
-                first.shape.rank != other.shape.rank):
-            raise ValueError(
-                f"shortcut and residual must have the same shape, got {_shape(first)} and "
-                f"{_shape(other)}"
-            )
-    rank = first.shape.rank
-    if rank is None:
-        raise ValueError("inputs must have a known rank (the sample axis is an attribute)")
-    if rank < 1:
-        raise ValueError("inputs must have rank >= 1 (a sample axis)")
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis {axis} is out of range for inputs of rank {rank}")
-    return int(axis) % rank
+def _checked(name, x):
+    """(dtype name, shape) of a tensor for `_op.check_arrays`. The sample axis is an attribute
+    of the op, so the rank must be known when the op is built (a None dimension is fine)."""
+    if x.shape.rank is None:
+        raise ValueError(f"{name} must have a known rank (the sample axis is an op attribute)")
+    return tf.as_dtype(x.dtype).name, tuple(x.shape.as_list())
 
 
-def _shape(x):
-    return tuple(x.shape.as_list()) if x.shape.rank is not None else None
+def _attrs(config, axis):
+    """The ops' attributes (`_ops.ATTRS`): the config with the axis as an index."""
+    return (axis, config.training, config.batch_mode, config.scaling == "training")
 
 
-def _config(survival_prob, training, mode, axis, scaling):
-    p = _check_prob(survival_prob)
-    if mode not in ("row", "batch"):
-        raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")
-    if scaling not in ("inference", "training"):
-        raise ValueError(f"scaling must be 'inference' or 'training', got {scaling!r}")
-    return p, (axis, bool(training), mode == "batch", scaling == "training")
+def apply(shortcut, residual, words, config):
+    """The op for a caller that holds its key words already (the Keras layer on the TensorFlow
+    backend), as `stochdepth.jax.apply` is for JAX.
+
+    `words` is the uint32[4] input [seed_lo, seed_hi, offset_lo, offset_hi] (`key_words` makes
+    it; a graph tensor is fine; not read at inference), `config` a validated
+    `stochdepth._op.OpConfig`. `shortcut` None is the single-input form (`drop_path`). The
+    tensors are checked as in `stochastic_depth`.
+    """
+    p = tf.constant(config.survival_prob, tf.float64)
+    if shortcut is None:
+        x = _as_tensor(residual, "x")
+        ax = _op.check_arrays("x", *_checked("x", x), config.axis)
+        return _ops.scale_op(x, words, p, _attrs(config, ax))
+    shortcut = _as_tensor(shortcut, "shortcut")
+    residual = _as_tensor(residual, "residual")
+    ax = _op.check_arrays("residual", *_checked("residual", residual), config.axis,
+                          _checked("shortcut", shortcut))
+    return _ops.residual_op(shortcut, residual, words, p, _attrs(config, ax))
 
 
-def _key(seed, offset, training):
+def _words(seed, offset, training):
     if training:
         return key_words(seed, offset)
     return tf.zeros((4,), tf.uint32)  # not read at inference
-
-
-def _as_tensor(value, name):
-    try:
-        return tf.convert_to_tensor(value)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a tensor or array, got {type(value).__name__} that "
-                        f"TensorFlow cannot read as a tensor ({e})") from e
 
 
 def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, training=True,
@@ -173,12 +143,9 @@ def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, 
     sample is the shortcut bit for bit and its residual is not read. Differentiable in shortcut
     and residual.
     """
-    shortcut = _as_tensor(shortcut, "shortcut")
-    residual = _as_tensor(residual, "residual")
-    ax = _check_arrays((shortcut, residual), axis)
-    p, cfg = _config(survival_prob, training, mode, ax, scaling)
-    return _ops.residual_op(shortcut, residual, _key(seed, offset, training),
-                            tf.constant(p, tf.float64), cfg)
+    config = OpConfig(survival_prob, mode, axis, scaling, training)
+    shortcut = _as_tensor(shortcut, "shortcut")  # None is an error here, not drop_path
+    return apply(shortcut, residual, _words(seed, offset, config.training), config)
 
 
 def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row", axis=0,
@@ -187,7 +154,5 @@ def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row
 
     Same arguments and mask as `stochastic_depth`; a dropped sample is exact zeros.
     """
-    x = _as_tensor(x, "x")
-    ax = _check_arrays((x,), axis)
-    p, cfg = _config(survival_prob, training, mode, ax, scaling)
-    return _ops.scale_op(x, _key(seed, offset, training), tf.constant(p, tf.float64), cfg)
+    config = OpConfig(survival_prob, mode, axis, scaling, training)
+    return apply(None, x, _words(seed, offset, config.training), config)
