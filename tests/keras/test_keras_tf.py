@@ -166,3 +166,31 @@ def test_tf_fit_with_explicit_jit_compile(rng):
     assert all(np.isfinite(history.history["loss"]))
     assert np.isfinite(model.predict(x, verbose=0)).all()
 
+
+
+def test_tf_bench_rows_tiny():
+    """The Keras-on-TensorFlow bench rows (stochdepth.bench.tf_rows) run on a tiny case, in
+    this process's TensorFlow backend, and say which path the layer took. Not timed here."""
+    import importlib.util
+
+    from stochdepth.bench.tf_rows import keras_tf_rows
+
+    rows = keras_tf_rows((4, 2, 2, 8), "float32", 0.8, 2)
+    assert [(r["impl"], r["op"]) for r in rows] == [
+        ("stochdepth.keras", "forward"),
+        ("stochdepth.keras", "forward+backward"),
+        ("kerasfactory", "forward"),
+        ("kerasfactory", "forward+backward"),
+    ]
+    has_kerasfactory = importlib.util.find_spec("kerasfactory") is not None
+    uses_ops = StochasticDepth(0.8)._use_tf_ops
+    for row in rows:
+        assert row["shape"] == (4, 2, 2, 8) and row["dtype"] == "float32"
+        assert row["backend"] == "tensorflow" and row["bytes"] > 0
+        if row["impl"] == "stochdepth.keras":
+            assert row["path"] == ("tf ops" if uses_ops else "keras ops")
+        if row["impl"] == "kerasfactory" and not has_kerasfactory:
+            assert "error" in row
+            continue
+        assert "error" not in row, row
+        assert 0 < row["min_ms"] <= row["median_ms"]

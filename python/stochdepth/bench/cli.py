@@ -14,7 +14,7 @@ import argparse
 import math
 import sys
 
-from stochdepth.bench import anchors, ceiling, cpu_rows, cuda_rows, jax_rows, keras_rows
+from stochdepth.bench import anchors, ceiling, cpu_rows, cuda_rows, jax_rows, keras_rows, tf_rows
 from stochdepth.bench import cases as C
 from stochdepth.bench._util import Progress, short_error
 from stochdepth.bench.env import Env
@@ -27,7 +27,7 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 # The rows of the tables, in their order: the library's, then the anchors.
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
-SECTIONS = [keras_rows.SECTION, jax_rows.SECTION]
+SECTIONS = [keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION]
 
 
 def _plan(args):
@@ -292,6 +292,8 @@ def parse_args(argv=None):
                     help="skip the JAX rows (stochdepth.jax vs jax.jit of the formula)")
     ap.add_argument("--no-keras", action="store_true",
                     help="skip the Keras rows (stochdepth.keras vs kerasfactory, torch backend)")
+    ap.add_argument("--no-tf", action="store_true",
+                    help="skip the Keras-on-TensorFlow rows (stochdepth.keras vs kerasfactory)")
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
     if args.min_time is None:
