@@ -45,6 +45,7 @@ from .._op import OpConfig
 
 __all__ = ["stochastic_residual", "bucket_sizes"]
 
+
 def _sdj():
     # The package's public functions, imported when called: stochdepth.jax imports this module.
     import stochdepth.jax as sdj
@@ -108,21 +109,22 @@ def _bucketed(x, branch_fn, stateful, state, config, words, sizes):
     ones = jnp.ones((batch,), jnp.float32)
     keep = _sdj().apply(None, ones, words, OpConfig(config.survival_prob, config.mode)) != 0
     count = jnp.sum(keep, dtype=jnp.int32)
-    order = jnp.argsort(jnp.logical_not(keep), stable=True)  # the kept samples first, in order
-    valid = jnp.arange(batch) < count
-    gather_at = jnp.where(valid, order, order[0])  # padding: the first kept sample again
-    scatter_at = jnp.where(valid, order, batch)  # padding: past the end, dropped by the scatter
     # "batch" mode and p = 1 keep all or nothing: the one bucket is the whole batch, as it is.
     whole = config.batch_mode or config.survival_prob == 1.0
+    if not whole:
+        order = jnp.argsort(jnp.logical_not(keep), stable=True)  # the kept samples first
+        valid = jnp.arange(batch) < count
+        gather_at = jnp.where(valid, order, order[0])  # padding: the first kept sample again
+        scatter_at = jnp.where(valid, order, batch)  # padding: past the end, not scattered
 
     def bucket(size):
         def run(x, state):
-            z = x if whole else x[gather_at[:size]]
-            y, new_state = _run_branch(branch_fn, stateful, state, z)
             if whole:
-                return y, new_state
-            return jnp.zeros(x.shape, y.dtype).at[scatter_at[:size]].set(y, mode="drop"), \
-                new_state
+                return _run_branch(branch_fn, stateful, state, x)
+            y, new_state = _run_branch(branch_fn, stateful, state, x[gather_at[:size]])
+            full = jnp.zeros(x.shape, y.dtype).at[scatter_at[:size]].set(y, mode="drop")
+            return full, new_state
+
         return run
 
     # The branch's output type, for the bucket that runs nothing: an abstract trace only.
