@@ -41,6 +41,7 @@ from .. import _op
 from .._op import OpConfig
 from . import _ops
 from ._ffi import MIN_JAXLIB
+from .residual import stochastic_residual as stochastic_residual
 
 __all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB"]
 
