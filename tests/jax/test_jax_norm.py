@@ -237,8 +237,10 @@ def test_other_argument_errors():
 def test_grads_of_the_wrong_shape():
     sc, res, w = _args()
     _, vjp = jax.vjp(lambda s, r: sdj.stochastic_depth_norm(s, r, 0.5, w, seed=1), sc, res)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"got float32\[4,3,7\], but expected float32\[4,3,8\]"):
         vjp((jnp.ones((4, 3, 7)), jnp.ones((4, 3, 8))))
+    with pytest.raises(ValueError, match=r"got bfloat16\[4,3,8\], but expected float32\[4,3,8\]"):
+        vjp((jnp.ones((4, 3, 8)), jnp.ones((4, 3, 8), jnp.bfloat16)))
 
 
 def _ffi(target, outs, *operands, **attrs):

@@ -95,7 +95,7 @@ def _norm_bwd(cfg, saved, cotangents):
     y, residual, gamma, weight, key = saved
     grad_y, grad_n = cotangents
     dt = y.dtype
-    has_gamma, has_weight, has_bias = cfg[6], cfg[7], cfg[8]
+    *_, has_gamma, has_weight, has_bias = cfg  # the last three of `_static`
     full = jax.ShapeDtypeStruct(y.shape, dt)
     call = jax.ffi.ffi_call(
         "stochdepth_norm_bwd",

@@ -111,7 +111,6 @@ class StochasticDepthNorm(keras.layers.Layer):
             self.gamma = self.add_weight(
                 name="gamma", shape=(width,),
                 initializer=keras.initializers.Constant(self.layer_scale))
-        self.width = width
 
     # -- call
 
