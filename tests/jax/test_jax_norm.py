@@ -283,6 +283,22 @@ def test_handlers_refuse_bad_operands():
 
 
 def test_targets_registered():
+    """The norm's handlers exist for every platform the op has ("CUDA" exactly in a CUDA
+    build); a CUDA target is registered without the command-buffer trait (the CUDA backward
+    pass takes scratch from the library's pool)."""
+    from jaxlib import xla_client
+
+    module = sdj._ffi.MODULE
     assert sdn.TARGETS == ("stochdepth_norm_fwd", "stochdepth_norm_bwd")
-    assert tuple(sdj._ffi.MODULE.norm_platforms) == tuple(sdj._ffi.MODULE.platforms)
+    assert tuple(module.norm_platforms) == tuple(module.platforms)
+    for platform in module.norm_platforms:
+        assert tuple(module.norm_handlers(platform)) == sdn.TARGETS
+    with pytest.raises(ValueError, match="no norm handlers for platform 'ROCM'"):
+        module.norm_handlers("ROCM")
     assert "stochastic_depth_norm" in sdj.__all__
+    jax.devices()  # starts the backends: a CUDA plugin would take the pending registrations
+    if "CUDA" in module.norm_platforms and not [d for d in jax.devices() if d.platform == "gpu"]:
+        pending = {name: (api, traits) for name, _, api, traits
+                   in xla_client._custom_callback.get("CUDA", []) if name in sdn.TARGETS}
+        default = xla_client.CustomCallTargetTraits.DEFAULT
+        assert pending == {name: (1, default) for name in sdn.TARGETS}
