@@ -263,3 +263,6 @@ def test_call_errors(rng):
         StochasticDepthNorm(0.5, seed=1)([sc[0], res[0]], training=True)
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 8\) like shortcut"):
         StochasticDepthNorm(0.5, seed=1)([sc, res[:2]], training=True)
+    with pytest.raises(ValueError, match=r"the last axis \(the channels\) of the inputs must be "
+                                         r"known, got shape \(None, None\)"):
+        StochasticDepthNorm(0.5).build([(None, None), (None, None)])
