@@ -17,6 +17,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "ffi/jax_norm_ffi.h"
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
 #include "xla/ffi/api/c_api.h"
@@ -324,4 +325,5 @@ PYBIND11_MODULE(_jax_ffi, m) {
   // The XLA FFI API version of the headers this module was compiled with.
   m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.attr("jaxlib_build_version") = STOCHDEPTH_JAXLIB_BUILD_VERSION;
+  stochdepth::register_jax_norm(m);  // the fused norm's handlers (jax_norm_ffi.cc)
 }

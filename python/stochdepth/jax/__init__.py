@@ -42,8 +42,10 @@ from .._op import OpConfig
 from . import _ops
 from ._ffi import MIN_JAXLIB
 from .residual import stochastic_residual as stochastic_residual
+from .norm import stochastic_depth_norm  # the fused residual + norm (norm.py)
 
-__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB"]
+__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB",
+           "stochastic_depth_norm"]
 
 
 def _as_array(value, expected):
