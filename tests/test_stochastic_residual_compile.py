@@ -8,9 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import stochdepth.torch as sdt  # noqa: E402
+from functorch.compile import make_boxed_func  # noqa: E402
 from stochdepth.torch import _ops, residual  # noqa: E402
 from stochdepth.torch._keys import Rng, rank_seed  # noqa: E402
-from functorch.compile import make_boxed_func  # noqa: E402
 from torch import nn  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 

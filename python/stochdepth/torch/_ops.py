@@ -6,10 +6,11 @@ them for the op; the eager fast path wraps the same three functions in a small
 `torch.autograd.Function`, which skips the dispatcher's per-call cost for plain eager tensors.
 `forward`, `backward`, `scatter` and `gather` below run an op by the path that the call's entry
 chose (`eager`, from one `_mode.eager` at the entry: a public function or module, or a backward);
-everything else in the adapter calls those four. A registered op is an entry too
-(`torch.ops.stochdepth.*`): it checks its own arguments. Backward recomputes the mask from
-(seed, offset): an eager call keeps the pair as Python ints and saves no tensor; a traced one
-saves the 16-byte rng tensor.
+everything else in the adapter calls those four, except that a StochasticResidual traced by
+torch.compile calls `select_kept` and `rank_rng` as ops (they have no eager path). A registered
+op is an entry too (`torch.ops.stochdepth.*`): it checks its own arguments. Backward recomputes
+the mask from (seed, offset): an eager call keeps the pair as Python ints and saves no tensor; a
+traced one saves the 16-byte rng tensor.
 """
 
 from __future__ import annotations
