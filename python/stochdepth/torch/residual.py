@@ -81,11 +81,13 @@ def _residual(eager, x, branch, config, rng, rank):
 
 
 def _compiled(x, branch, config, rng: Tensor, rank: int) -> Tensor:
-    """Training inside torch.compile (or torch.export): the block in the graph, no graph break.
-    `rng` is the pair as a graph value (a constant, a draw or the module's state). The kept count
-    is a data-dependent size of select_kept's output (docs/design.md, "Skipping dropped
-    samples"): one graph for every mask, the branch run on exactly the kept samples, so the
-    same bits as eager mode. p = 0 and p = 1 are static: nothing and everything kept, as eager.
+    """Training inside torch.compile (or torch.export): the block in the graph (with
+    fullgraph=True; without, dynamo's default breaks the graph at select_kept, an op whose output
+    size depends on data). `rng` is the pair as a graph value (a constant, a draw or the
+    module's state). The kept count is a data-dependent size of select_kept's output
+    (docs/design.md, "Skipping dropped samples"): one graph for every mask, the branch run on
+    exactly the kept samples, so the same bits as eager mode. p = 0 and p = 1 are static:
+    nothing and everything kept, as eager.
     """
     p, batch_mode = config.survival_prob, config.batch_mode
     if p == 0.0:
@@ -131,8 +133,8 @@ def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool 
     eager = _mode.eager(x)  # this call's one decision
     rank = rank_key(sync_across_ranks)
     if not eager and torch.compiler.is_compiling():
-        # The pair as a graph value: a new offset or draw does not recompile. A host read in
-        # a graph that may run on CUDA: drawn by the CPU generator unless one is given.
+        # The pair as a graph value: a new draw does not recompile. A CPU tensor, read on the
+        # host by the ops (a CUDA generator's draw is copied to the host, as eagerly).
         rng = draw(generator) if seed is None else host_rng(seed, offset, None).tensor()
         return _compiled(x, branch, config, rng, rank)
     # Inside a traced graph an unseeded draw stays a graph value (read outside the graph).
