@@ -41,11 +41,11 @@ from .. import _op
 from .._op import OpConfig
 from . import _ops
 from ._ffi import MIN_JAXLIB
-from .residual import stochastic_residual as stochastic_residual
 from .norm import stochastic_depth_norm  # the fused residual + norm (norm.py)
+from .residual import stochastic_residual
 
 __all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB",
-           "stochastic_depth_norm"]
+           "stochastic_depth_norm", "stochastic_residual"]
 
 
 def _as_array(value, expected):
