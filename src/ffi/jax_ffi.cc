@@ -13,10 +13,7 @@
 #include <string>
 #include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#endif
-
+#include "ffi/ieee_subnormals.h"
 #include "ffi/jax_norm_ffi.h"
 #include "stochdepth/core_entry.h"
 #include "stochdepth/drop_path.h"
@@ -33,6 +30,7 @@ using stochdepth::Device;
 using stochdepth::DeviceKind;
 using stochdepth::DropPathParams;
 using stochdepth::DType;
+using stochdepth::IeeeSubnormals;
 using stochdepth::Scaling;
 
 std::atomic<const CoreEntry*> g_entry{nullptr};
@@ -115,31 +113,6 @@ void read_key(DropPathParams& params, const uint32_t* k) {
   params.seed = (static_cast<uint64_t>(k[1]) << 32) | k[0];
   params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
 }
-
-// XLA:CPU runs its threads with subnormals flushed (FTZ/DAZ); the op keeps them (docs/design.md,
-// "Arithmetic"), so the calling thread, which runs the first chunk, computes in IEEE mode for the
-// call. The core's own worker threads never change their default mode.
-class IeeeSubnormals {
- public:
-#if defined(__x86_64__) || defined(_M_X64)
-  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
-  ~IeeeSubnormals() { _mm_setcsr(saved_); }
-
- private:
-  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
-  unsigned saved_;
-#elif defined(__aarch64__)
-  IeeeSubnormals() {
-    __asm__ volatile("mrs %0, fpcr" : "=r"(saved_));
-    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);  // FZ
-    __asm__ volatile("msr fpcr, %0" : : "r"(cleared));
-  }
-  ~IeeeSubnormals() { __asm__ volatile("msr fpcr, %0" : : "r"(saved_)); }
-
- private:
-  uint64_t saved_;
-#endif
-};
 
 ffi::Error run_cpu(const DropPathParams& params) {
   IeeeSubnormals ieee;
