@@ -51,7 +51,8 @@ def test_the_section_times_every_implementation_and_judges_it(tmp_path, capsys):
             bound["optimizer_ms"] + max(floor - bound["optimizer_ms"], 0) * bound["kept_fraction"])
         assert rows["patch"]["of_bound"] == pytest.approx(bound["ms"] / rows["patch"]["median_ms"])
     out = capsys.readouterr().out
-    assert "Model train steps on cpu: forward + backward + sgd step, batch 8, depth 2" in out
+    assert ("Model train steps on cpu: forward + backward + sgd step, batch 8, depth 2 (median "
+            "of 1 interleaved rounds, ms; no compiled rows: --no-compile)") in out
     assert "patch(model)" in out and "x vs timm" in out and "of bound" in out
     # The results go into the JSON as they are.
     path = tmp_path / "r.json"
@@ -98,3 +99,22 @@ def test_options_are_checked():
     assert model_rows.SECTION.skipped(cli.parse_args(["--no-model"])) == "disabled by --no-model"
     assert model_rows.SECTION.skipped(cli.parse_args([])) is None
     assert model_rows.SECTION in cli.SECTIONS
+
+
+# dynamo inspects tensors it did not create and triggers this warning inside torch
+@pytest.mark.timeout(600)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_compiled_rows_run_and_report_their_compile_time():
+    """The compiled mode's rows (dynamo with the eager backend here: inductor would compile
+    every graph with a C++ compiler, minutes on a small machine)."""
+    from stochdepth.bench.timing import CpuTimer, TimingPlan
+
+    args = _args("--model-compile-backend", "eager")
+    (case,) = model_rows.selected_cases(args)
+    rows, opt_ms, order = model_rows._time_case(
+        torch, args, case, True, CpuTimer(), TimingPlan(rounds=1, burst_time_s=0.0, max_burst=1,
+                                                        warmup=1))
+    assert list(rows) == IMPLS and opt_ms > 0 and len(order) == 1
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["label"].endswith(", compiled") and r["compile_s"] > 0 and r["median_ms"] > 0

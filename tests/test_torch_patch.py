@@ -247,6 +247,17 @@ def test_patch_is_idempotent():
                                  if isinstance(d, sdt.DropPath))
 
 
+def test_a_patched_model_saves_and_loads_whole(tmp_path):
+    model = _vit().train()
+    sdt.patch(model, seed=SEED)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded[1].forward.block is loaded[1]
+    assert sdt.patch(loaded).changed == {}  # still patched
+    x = randn((12, 9, 32))
+    assert_same(loaded(x), model(x))  # the same seeded masks, offset 0 in both
+
+
 def test_batch_statistics_keep_the_op():
     torch.manual_seed(0)
     block = B.Block(16, 2, drop_path=0.5, norm_layer=lambda d: nn.BatchNorm1d(9))

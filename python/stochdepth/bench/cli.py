@@ -302,6 +302,8 @@ def parse_args(argv=None):
     ap.add_argument("--model-batch", type=int, default=8, help="model batch size (default 8)")
     ap.add_argument("--model-optimizer", choices=("adamw", "sgd"), default="adamw",
                     help="the optimizer of the model train steps (default adamw)")
+    ap.add_argument("--model-compile-backend", default="inductor", metavar="NAME",
+                    help="torch.compile backend of the compiled model rows (default inductor)")
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
     if args.min_time is None:

@@ -15,7 +15,8 @@ entry per round, the rows rotated by one place per round):
 - "patch(model)"   the timm-structured stack after stochdepth.torch.patch(model)
 - "optimizer step" the optimizer's step alone (for the bound below; not a row of the tables)
 
-in eager mode and under torch.compile (--no-compile: eager only). A row's time is the median over
+in eager mode and under torch.compile (--no-compile or --quick: eager only;
+--model-compile-backend, default inductor). A row's time is the median over
 rounds; "vs timm" is the timm row's median over the row's, in the same run.
 
 The bound: dropping a sample skips its branch work and nothing else, so a step cannot take less
@@ -205,7 +206,8 @@ def _time_case(torch, args, case, compiled, timer, plan):
         try:
             model = build(case, impl, args.model_depth, device)
             opt = _optimizer(torch, args.model_optimizer, model.parameters())
-            fn = torch.compile(model, dynamic=bool(args.compile_dynamic)) if compiled else model
+            fn = (torch.compile(model, dynamic=bool(args.compile_dynamic),
+                                backend=args.model_compile_backend) if compiled else model)
             step = _step_fn(torch, fn, opt, x)
             if compiled:
                 t0 = time.perf_counter()
@@ -283,12 +285,18 @@ def report(args):
     rounds = args.rounds or (3 if args.quick else 5)
     plan = TimingPlan(rounds=rounds, burst_time_s=0.0, max_burst=1, warmup=1)
     timer = CpuTimer() if args.device == "cpu" else CudaTimer(torch)
-    modes = (False,) if args.no_compile else (False, True)
+    # --quick is a smoke test: eager only (inductor compiles every graph of every row with a
+    # C++ compiler, minutes on a small machine).
+    modes = (False,) if args.no_compile or args.quick else (False, True)
     out = {"batch": args.model_batch, "depth": args.model_depth,
-           "optimizer": args.model_optimizer, "rounds": rounds, "cases": []}
+           "optimizer": args.model_optimizer, "rounds": rounds,
+           "compile_backend": args.model_compile_backend if True in modes else None,
+           "cases": []}
+    compile_note = ("" if len(modes) == 2 else "; no compiled rows: --no-compile"
+                    if args.no_compile else "; no compiled rows: --quick")
     print(f"\nModel train steps on {args.device}: forward + backward + {args.model_optimizer} "
           f"step, batch {args.model_batch}, depth {args.model_depth} (median of {rounds} "
-          "interleaved rounds, ms)")
+          f"interleaved rounds, ms{compile_note})")
     for case in selected_cases(args):
         kept = case.kept_fraction(args.model_depth)
         for compiled in modes:

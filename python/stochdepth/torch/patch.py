@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 from typing import Optional
 
 import torch
@@ -161,7 +160,17 @@ def _swin_forward(self, x):
     return x.reshape(B, H, W, C)
 
 
-_PATCHED_FORWARDS = (_vit_forward, _convnext_forward, _swin_forward)
+class _PatchedForward:
+    """The forward that patch sets on a block instance. An object rather than a bound method:
+    pickle saves a bound method by its name on the instance, which the block does not have, so
+    `torch.save(model)` would not load back."""
+
+    def __init__(self, block, forward):
+        self.block = block
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(self.block, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +230,7 @@ def _replacement(m, seed):
 
 def _block_reason(module, kind, skip_compute) -> Optional[str]:
     """Why the block keeps its own forward, or None."""
-    forward = module.__dict__.get("forward")
-    if isinstance(forward, types.MethodType) and forward.__func__ in _PATCHED_FORWARDS:
+    if isinstance(module.__dict__.get("forward"), _PatchedForward):
         return "already patched"
     drops = [getattr(module, d) for d in kind.drops]
     if not any(isinstance(d, DropPath) for d in drops):
@@ -293,7 +301,7 @@ def patch(model: nn.Module, *, skip_compute: bool = True, seed: Optional[int] = 
             left[path] = f"{kind.name}: {why}"
             continue
         module._stochdepth_skip = skip_compute
-        module.forward = types.MethodType(kind.forward, module)
+        module.forward = _PatchedForward(module, kind.forward)
         changed[path] = (f"{kind.name}: forward skips the branches of dropped samples "
                          "(stochastic_residual)" if skip_compute else
                          f"{kind.name}: LayerScale fused into the op (gamma=)")
