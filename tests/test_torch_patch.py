@@ -247,6 +247,49 @@ def test_patch_is_idempotent():
                                  if isinstance(d, sdt.DropPath))
 
 
+class ConvNeXtBlock(nn.Module):
+    """timm's other ConvNeXtBlock (maxxvit.py: CoAtNet/MaxViT): `shortcut` and `down` (here
+    identities, stride 1), LayerScale `ls` applied channels last before the permute back."""
+
+    def __init__(self, dim, drop_path):
+        super().__init__()
+        self.shortcut = nn.Identity()
+        self.down = nn.Identity()
+        self.use_conv_mlp = False
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = B.Mlp(dim, 4 * dim)
+        self.ls = B.LayerScale(dim, 0.5)
+        self.drop_path = B.DropPath(drop_path)
+
+    def forward(self, x):
+        shortcut = self.shortcut(x)
+        x = self.conv_dw(self.down(x))
+        x = self.ls(self.mlp(self.norm(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.drop_path(x) + shortcut
+
+
+def test_the_maxxvit_convnext_block_with_layer_scale():
+    torch.manual_seed(0)
+    original = nn.Sequential(ConvNeXtBlock(16, 0.5), ConvNeXtBlock(16, 0.5)).double()
+    patched = copy.deepcopy(original)
+    report = sdt.patch(patched, seed=3)
+    assert report.changed["0"] == report.changed["1"] == (
+        "ConvNeXtBlock: forward skips the branches of dropped samples (stochastic_residual)")
+    x = randn((16, 16, 5, 5), torch.float64)
+    with torch.no_grad():
+        assert_same(patched.eval()(x), original.eval()(x))
+    out = patched.train()(x)
+    expected = x
+    for i, block in enumerate(original):
+        def branch(t, block=block):
+            return block.ls(block.mlp(block.norm(block.conv_dw(t).permute(0, 2, 3, 1)))
+                            ).permute(0, 3, 1, 2)
+        expected = sdt.stochastic_depth(expected, branch(expected), 0.5, scaling="training",
+                                        seed=report.seeds[f"{i}.drop_path"], offset=0)
+    _close(out, expected)
+
+
 def test_a_patched_model_saves_and_loads_whole(tmp_path):
     model = _vit().train()
     sdt.patch(model, seed=SEED)

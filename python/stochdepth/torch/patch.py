@@ -7,7 +7,8 @@ What is recognised, by class name and attributes (timm and torchvision are never
 - timm's `DropPath` (`drop_prob`, `scale_by_keep`) becomes `stochdepth.torch.DropPath`, and
   torchvision's `StochasticDepth` (`p`, `mode`) `stochdepth.torch.TorchvisionStochasticDepth`:
   the same function of their attributes, with the library's mask.
-- timm's ViT/DeiT `Block`, `ConvNeXtBlock` and Swin `SwinTransformerBlock`: with
+- timm's ViT/DeiT `Block`, `ConvNeXtBlock` (convnext.py's, with `gamma`, and maxxvit.py's, with
+  `ls` and `down`) and Swin `SwinTransformerBlock`: with
   `skip_compute=True`, each residual `x + drop_path(branch(x))` whose branch treats samples
   independently gets `stochastic_residual(x, branch, ...)`, which runs the branch on the kept
   samples only. The block's `forward` is replaced on the instance (its class is unchanged);
@@ -103,14 +104,17 @@ def _skip(x, drop, branch):
                                sync_across_ranks=drop.sync_across_ranks)
 
 
-def _add(x, drop, branch, ls=None):
-    """One residual of a patched block: what `x + drop(ls(branch(x)))` computes."""
+def _add(x, drop, branch, ls=None, branch_first=False):
+    """One residual of a patched block: what `x + drop(ls(branch(x)))` computes (with
+    `branch_first`, `drop(...) + x`, ConvNeXt's order: the same sum, but the result takes the
+    memory layout of the first operand, and the next convolution's rounding follows it)."""
     dense = (not isinstance(drop, DropPath) or not drop.training or drop.drop_prob == 0.0
              # A seeded drop path reads and advances its state on the host: inside a compiled
              # graph that would be a constant, so there the dense op (same mask) runs.
              or (drop.seed is not None and torch.compiler.is_compiling()))
     if dense:
-        return x + drop(branch(x) if ls is None else ls(branch(x)))
+        y = drop(branch(x) if ls is None else ls(branch(x)))
+        return y + x if branch_first else x + y
     if ls is None:
         return _skip(x, drop, branch)
     return _skip(x, drop, lambda t: ls(branch(t)))
@@ -147,9 +151,21 @@ def _convnext_branch(self, x):
 
 
 def _convnext_forward(self, x):
-    # The shortcut is the identity (checked by patch); `branch + x` and `x + branch` are the
-    # same IEEE sum.
-    return _add(x, self.drop_path, lambda t: _convnext_branch(self, t))
+    # The shortcut is the identity (checked by patch).
+    return _add(x, self.drop_path, lambda t: _convnext_branch(self, t), branch_first=True)
+
+
+def _convnext_ls_branch(self, x):
+    # timm's other ConvNeXtBlock (maxxvit.py): `down` first, LayerScale (`ls`) before the
+    # permute back.
+    x = self.conv_dw(self.down(x))
+    if self.use_conv_mlp:
+        return self.ls(self.mlp(self.norm(x)))
+    return self.ls(self.mlp(self.norm(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+
+def _convnext_ls_forward(self, x):
+    return _add(x, self.drop_path, lambda t: _convnext_ls_branch(self, t), branch_first=True)
 
 
 def _swin_forward(self, x):
@@ -193,6 +209,9 @@ _KINDS = (
     _Kind("ConvNeXtBlock", ("conv_dw", "norm", "mlp", "gamma", "shortcut", "drop_path",
                             "use_conv_mlp"),
           ("drop_path",), ("conv_dw", "norm", "mlp"), _convnext_forward),
+    _Kind("ConvNeXtBlock", ("conv_dw", "norm", "mlp", "ls", "down", "shortcut", "drop_path",
+                            "use_conv_mlp"),
+          ("drop_path",), ("down", "conv_dw", "norm", "mlp", "ls"), _convnext_ls_forward),
     _Kind("SwinTransformerBlock", ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2",
                                    "_attn"),
           ("drop_path1", "drop_path2"), ("norm1", "attn", "norm2", "mlp"), _swin_forward),
@@ -241,7 +260,9 @@ def _block_reason(module, kind, skip_compute) -> Optional[str]:
                 _layer_scale_gamma(getattr(module, ls)) is not None for ls in kind.layer_scales):
             return None
         return "skip_compute=False: its drop paths run the op on the computed branch"
-    if kind.name == "ConvNeXtBlock" and not isinstance(module.shortcut, nn.Identity):
+    if kind.name == "ConvNeXtBlock" and not all(
+            isinstance(getattr(module, a, None), (nn.Identity, type(None)))
+            for a in ("shortcut", "down")):
         return ("its shortcut is not the identity (a downsampling block): the branch runs on "
                 "every sample")
     for b in kind.branches:
