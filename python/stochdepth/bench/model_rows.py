@@ -282,6 +282,10 @@ def report(args):
     except Exception as exc:  # noqa: BLE001 - say why and carry on
         print(f"\nModel rows skipped: {short_error(exc)}")
         return {"error": short_error(exc)}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "--device cuda: torch.cuda.is_available() is False (this torch has no GPU)"
+        print(f"\nModel rows skipped: {why}")
+        return {"error": why}
     rounds = args.rounds or (3 if args.quick else 5)
     plan = TimingPlan(rounds=rounds, burst_time_s=0.0, max_burst=1, warmup=1)
     timer = CpuTimer() if args.device == "cpu" else CudaTimer(torch)
@@ -302,7 +306,13 @@ def report(args):
         for compiled in modes:
             if compiled:
                 torch._dynamo.reset()  # the previous case's compiled code
-            rows, opt_ms, order = _time_case(torch, args, case, compiled, timer, plan)
+            try:
+                rows, opt_ms, order = _time_case(torch, args, case, compiled, timer, plan)
+            except Exception as exc:  # noqa: BLE001 - a case that cannot run is reported
+                out["cases"].append({"name": case.name, "compiled": compiled,
+                                     "error": short_error(exc), "rows": []})
+                print(f"  {case.name}: FAILED: {short_error(exc)}")
+                continue
             bound = _judge(rows, opt_ms, kept)
             res = {"name": case.name, "arch": case.arch, "family": case.family,
                    "shape": list(case.input_shape(args.model_batch)),
@@ -325,6 +335,8 @@ def add_plot_panel(fig, results, row):
 
     by_impl = {}
     for case in model["cases"]:
+        if "error" in case:
+            continue
         x = case["name"] + (" compiled" if case["compiled"] else "")
         for r in case["rows"]:
             if r.get("vs_timm"):
