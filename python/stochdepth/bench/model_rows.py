@@ -16,7 +16,13 @@ entry per round, the rows rotated by one place per round):
 - "optimizer step" the optimizer's step alone (for the bound below; not a row of the tables)
 
 in eager mode and under torch.compile (--no-compile or --quick: eager only;
---model-compile-backend, default inductor). A row's time is the median over
+--model-compile-backend, default inductor). Every compiled row, the anchors' too, uses
+`fullgraph=True`: without it dynamo breaks the graph before each skipping block's branch (a
+data-dependent batch size), and the shared resumed frame specialises on each block's survival
+probability until dynamo's recompile limit sends it back to eager mode. With fullgraph the whole
+stack is one graph (docs/usage.md, "Skipping dropped samples"). A ConvNeXt stack is compiled with
+inductor's layout optimisation off (`layout_optimization=False`), for every row: inductor
+mispredicts a convolution's strides for a data-dependent batch. A row's time is the median over
 rounds; "vs timm" is the timm row's median over the row's, in the same run.
 
 The bound: dropping a sample skips its branch work and nothing else, so a step cannot take less
@@ -195,6 +201,17 @@ def _step_fn(torch, model, opt, x):
     return step
 
 
+def _compile_config(torch, case):
+    """The inductor settings a case compiles under (see the module's docstring)."""
+    if case.family == "convnext":
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(layout_optimization=False)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def _time_case(torch, args, case, compiled, timer, plan):
     """{impl: row} of one case in one mode, and the optimizer step's median (ms)."""
     device = args.device
@@ -206,15 +223,16 @@ def _time_case(torch, args, case, compiled, timer, plan):
         try:
             model = build(case, impl, args.model_depth, device)
             opt = _optimizer(torch, args.model_optimizer, model.parameters())
-            fn = (torch.compile(model, dynamic=bool(args.compile_dynamic),
+            fn = (torch.compile(model, dynamic=bool(args.compile_dynamic), fullgraph=True,
                                 backend=args.model_compile_backend) if compiled else model)
             step = _step_fn(torch, fn, opt, x)
             if compiled:
-                t0 = time.perf_counter()
-                step()
-                row["compile_s"] = time.perf_counter() - t0
-                for _ in range(POST_COMPILE_CALLS):
+                with _compile_config(torch, case):
+                    t0 = time.perf_counter()
                     step()
+                    row["compile_s"] = time.perf_counter() - t0
+                    for _ in range(POST_COMPILE_CALLS):
+                        step()
             entries.append(Entry(impl, step))
             if impl == "floor":
                 # The optimizer step alone, on the floor model's gradients (kept, not zeroed).
