@@ -229,6 +229,13 @@ def test_custom_cases_without_torch(tmp_path):
             for op in ("forward", "forward+backward")]
         ours = [r for r in tf_rows_ if r["impl"] == "stochdepth.keras"]
         assert all("error" not in r and 0 < r["min_ms"] <= r["median_ms"] for r in ours), ours
+    # The Keras model train steps: the backends --no-torch leaves, both layers in each.
+    model_rows = data["keras_model"]["rows"]
+    backends = ["jax"] + (["tensorflow"] if importlib.util.find_spec("tensorflow") else [])
+    assert [r["backend"] for r in model_rows if r["impl"] == "stochdepth.keras"] == backends
+    for r in model_rows:
+        if r["impl"] == "stochdepth.keras" or importlib.util.find_spec("kerasfactory"):
+            assert "error" not in r and 0 < r["min_ms"] <= r["median_ms"], r
 
 
 def test_compare_isas_rows(tmp_path):

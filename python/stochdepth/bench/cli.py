@@ -20,6 +20,7 @@ from stochdepth.bench import (
     cpu_rows,
     cuda_rows,
     jax_rows,
+    keras_model_rows,
     keras_rows,
     model_rows,
     tf_rows,
@@ -36,7 +37,8 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 # The rows of the tables, in their order: the library's, then the anchors.
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
-SECTIONS = [keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION, model_rows.SECTION]
+SECTIONS = [keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION, keras_model_rows.SECTION,
+            model_rows.SECTION]
 
 
 def _plan(args):
