@@ -213,6 +213,10 @@ void flush_deferred_frees() {
   d.insert(d.end(), std::make_move_iterator(still.begin()), std::make_move_iterator(still.end()));
 }
 
+// The layer scale has CPU kernels only so far (docs/design.md, "Layer scale"); the bindings
+// refuse a CUDA array with gamma before this is reached.
+constexpr const char* kGammaCpuOnly = "gamma (the layer scale) runs on the CPU only in this build";
+
 }  // namespace
 
 bool cuda_compiled() { return true; }
@@ -242,6 +246,7 @@ int cuda_swap_device(int id) {
 }
 
 void drop_path_cuda(const DropPathParams& params, int device, void* stream) {
+  if (params.gamma != nullptr) throw std::invalid_argument(kGammaCpuOnly);
   if (params.numel() == 0) return;
   if (params.input == nullptr || params.out == nullptr || params.batch <= 0 || params.inner <= 0 ||
       params.outer <= 0) {
@@ -250,6 +255,10 @@ void drop_path_cuda(const DropPathParams& params, int device, void* stream) {
   DeviceGuard guard(device);
   GpuLauncher launcher{static_cast<cudaStream_t>(stream)};
   dispatch_drop_path(params, launcher);
+}
+
+void drop_path_backward_gamma_cuda(const DropPathParams&, const void*, void*, int, void*) {
+  throw std::invalid_argument(kGammaCpuOnly);
 }
 
 void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void* stream) {
