@@ -1,4 +1,5 @@
-# stochdepth._jax_ffi: the XLA FFI handlers for stochdepth.jax (src/ffi/jax_ffi.cc), included
+# stochdepth._jax_ffi: the XLA FFI handlers for stochdepth.jax (src/ffi/jax_ffi.cc; the fused
+# norm's in src/ffi/jax_norm_ffi.cc), included
 # by CMakeLists.txt after the _core target. The XLA FFI headers come from the jaxlib installed
 # in the build environment (a build requirement in pyproject.toml); nothing is vendored.
 #   STOCHDEPTH_JAX=AUTO (build it when jaxlib's headers are found), ON (required), OFF
@@ -28,7 +29,7 @@ if(NOT STOCHDEPTH_JAX STREQUAL "OFF")
     endif()
   endif()
   if(_sd_found)
-    python_add_library(_jax_ffi MODULE src/ffi/jax_ffi.cc WITH_SOABI)
+    python_add_library(_jax_ffi MODULE src/ffi/jax_ffi.cc src/ffi/jax_norm_ffi.cc WITH_SOABI)
     target_link_libraries(_jax_ffi PRIVATE pybind11::headers)
     # SYSTEM: jaxlib's headers are not ours to warn about.
     target_include_directories(_jax_ffi PRIVATE src)

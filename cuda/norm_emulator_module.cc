@@ -67,6 +67,7 @@ void register_norm_emulator(py::module_& m) {
         p.batch_mode = batch_mode;
         p.seed = seed;
         p.offset = offset;
+        p.rng_words = ptr<const uint64_t>(get("rng_words"));
         if (scaling != "training" && scaling != "inference") throw py::value_error("bad scaling");
         set_norm_scalars(p, survival_prob,
                          scaling == "training" ? Scaling::kTraining : Scaling::kInference);

@@ -60,6 +60,7 @@ struct NormArgs {
   void* partials;
   int64_t rows, rows_per_sample, width, row_blocks;
   uint64_t seed, offset, threshold;
+  const uint64_t* rng_words;  // NormParams::rng_words: nullptr, or [seed, offset] in device memory
   float scale_f32, eps_f32;
   double scale_f64, eps_f64;
   bool training, batch_mode, layer;
@@ -88,6 +89,7 @@ inline NormArgs norm_args(const NormParams& p) {
   a.row_blocks = (a.rows + kNormRowBlock - 1) / kNormRowBlock;
   a.seed = p.seed;
   a.offset = p.offset;
+  a.rng_words = p.rng_words;
   a.threshold = p.threshold;
   a.scale_f32 = p.scale_f32;
   a.scale_f64 = p.scale_f64;
@@ -114,7 +116,8 @@ struct Row {
   STOCHDEPTH_KERNEL_FN static bool kept(const NormArgs& a, int64_t row) {
     if (!a.training) return true;
     const uint64_t b = a.batch_mode ? 0 : static_cast<uint64_t>(row / a.rows_per_sample);
-    return keep_sample(a.seed, a.offset, b, a.threshold);
+    const RngWords key = rng_words(a.seed, a.offset, a.rng_words);
+    return keep_sample(key.seed, key.offset, b, a.threshold);
   }
   // The pinned tree over the 16 lanes' sums of one row.
   STOCHDEPTH_KERNEL_FN static A tree(const A* lanes) {

@@ -30,6 +30,7 @@ from stochdepth.bench import (
     keras_rows,
     machine,
     report,
+    tf_rows,
     timing,
 )
 from stochdepth.bench.cases import OPS, PRIMITIVE_TENSORS, ceiling_models
@@ -219,6 +220,15 @@ def test_custom_cases_without_torch(tmp_path):
     assert ("Keras rows (torch backend): skipped (needs torch, disabled by --no-torch)"
             in proc.stdout)
     assert "JAX rows: skipped" not in proc.stdout and "jax" in data
+    # The Keras-on-TensorFlow section runs without torch too (a subprocess on that backend).
+    assert "Keras rows (TensorFlow backend): skipped" not in proc.stdout
+    if importlib.util.find_spec("tensorflow") is not None:
+        tf_rows_ = data["keras_tf"]["rows"]
+        assert [(r["impl"], r["op"]) for r in tf_rows_] == [
+            (impl, op) for impl in ("stochdepth.keras", "kerasfactory")
+            for op in ("forward", "forward+backward")]
+        ours = [r for r in tf_rows_ if r["impl"] == "stochdepth.keras"]
+        assert all("error" not in r and 0 < r["min_ms"] <= r["median_ms"] for r in ours), ours
 
 
 def test_compare_isas_rows(tmp_path):
@@ -231,8 +241,8 @@ def test_compare_isas_rows(tmp_path):
               if i not in ("scalar", stochdepth.get_isa())]
     for args, want in ((), others), (("--compare-isas", "none"), []), (
             ("--compare-isas", "scalar"), ["scalar"]):
-        data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--ops", "fwd,bwd", "--rounds", "2",
-                            "--cases", "4x7x3:bfloat16", *args)
+        data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--no-tf", "--ops", "fwd,bwd",
+                            "--rounds", "2", "--cases", "4x7x3:bfloat16", *args)
         for op_res in data["cases"][0]["ops"].values():
             rows = {r["impl"]: r for r in op_res["rows"]}
             assert [k for k in rows if "@" in k] == [f"sd@{i}" for i in want]
@@ -469,7 +479,8 @@ def test_plot_from_saved_results(tmp_path):
 # -- the structure: Case, Row and Section objects (stochdepth.bench.rows)
 ROW_LISTS = {"cpu_rows": cpu_rows.ROWS, "cuda_rows": cuda_rows.ROWS, "anchors": anchors.ROWS,
              "ceiling": ceiling.ROWS, "jax_rows": jax_rows.ROWS,
-             "jax_rows.KERAS_ROWS": jax_rows.KERAS_ROWS, "keras_rows": keras_rows.ROWS}
+             "jax_rows.KERAS_ROWS": jax_rows.KERAS_ROWS, "keras_rows": keras_rows.ROWS,
+             "tf_rows.KERAS_ROWS": tf_rows.KERAS_ROWS}
 PRIMITIVES = set(PRIMITIVE_TENSORS)
 
 

@@ -30,7 +30,7 @@ def test_cli_quick_writes_the_jax_rows(tmp_path):
     assert "JAX on the CPU" in proc.stdout
     data = json.loads(out.read_text())
     rows = data["jax"]["rows"]
-    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"} and len(rows) == 12
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"} and len(rows) == 24
     for row in rows:
         _ok(row)
     assert "keras_rows" not in data["jax"]  # --no-keras skips the Keras-on-JAX rows

@@ -30,7 +30,7 @@ def poisoned(shape, dtype):
 
 
 def emulate(sc, res, p, w, b, *, norm, eps, gamma, seed, offset, training, mode, scaling,
-            gy, gn, reverse):
+            gy, gn, reverse, rng_words=None):
     dtype = sc.dtype
     shape = sc.shape
     batch, width = shape[0], shape[-1]
@@ -43,13 +43,15 @@ def emulate(sc, res, p, w, b, *, norm, eps, gamma, seed, offset, training, mode,
 
     y, n = poisoned(shape, dtype), poisoned(shape, dtype)
     emu.norm(False, dict(shortcut=addr(sc), residual=addr(res), gamma=addr(gamma), weight=addr(w),
-                         bias=addr(b), y=y.ctypes.data, n=n.ctypes.data), *common)
+                         bias=addr(b), y=y.ctypes.data, n=n.ctypes.data,
+                         rng_words=addr(rng_words)), *common)
     gs, gr = poisoned(shape, dtype), poisoned(shape, dtype)
     vecs = [None if v is None else poisoned((width,), dtype) for v in (gamma, w, b)]
     emu.norm(True, dict(grad_y=addr(gy), grad_n=addr(gn), y_in=addr(y), residual=addr(res),
                         gamma=addr(gamma), weight=addr(w), grad_shortcut=addr(gs),
                         grad_residual=addr(gr), grad_gamma=addr(vecs[0]),
-                        grad_weight=addr(vecs[1]), grad_bias=addr(vecs[2])), *common)
+                        grad_weight=addr(vecs[1]), grad_bias=addr(vecs[2]),
+                        rng_words=addr(rng_words)), *common)
     return (y, n), (gs, gr, *vecs)
 
 
@@ -114,3 +116,26 @@ def test_no_rows_gives_zero_parameter_gradients():
                        training=True, mode="row", scaling="training", gy=x, gn=x, reverse=False)
     for v in grads[2:]:
         assert_bits_equal(v, np.zeros(5, np.float32))
+
+
+def test_rng_words_replace_seed_and_offset():
+    """NormParams::rng_words (the JAX adapter's key operand): the kernels draw the mask of the
+    words [seed, offset] they read, whatever the seed and offset arguments say."""
+    rng = np.random.default_rng(5)
+    shape = (40, 2, 33)
+    sc, res, gy, gn = (random_array(rng, shape, F32, special=False) for _ in range(4))
+    w = np.ones(33, np.float32)
+    seed, offset = 2**40 + 17, 2**33 + 3
+    words = np.array([seed, offset], np.uint64)
+    (y, n), grads = emulate(sc, res, 0.5, w, None, norm="rms", eps=1e-5, gamma=w, seed=1,
+                            offset=0, training=True, mode="row", scaling="training", gy=gy, gn=gn,
+                            reverse=False, rng_words=words)
+    kw = dict(norm="rms", eps=1e-5, gamma=w, seed=seed, offset=offset, scaling="training")
+    ey, en = reference.forward_norm(sc, res, 0.5, w, **kw)
+    assert_bits_equal(y, ey, "y")
+    assert_bits_equal(n, en, "n")
+    want = reference.backward_norm(gy, gn, ey, res, 0.5, w, **kw)
+    for a, e in zip(grads[:4], want[:4]):
+        assert_bits_equal(a, e)
+    ny, _ = reference.forward_norm(sc, res, 0.5, w, **dict(kw, seed=1, offset=0))
+    assert not np.array_equal(ey, ny)  # the arguments' mask differs: the words were read

@@ -48,6 +48,13 @@ def check_u64(name: str, value) -> int:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    """A static on/off option: a Python or NumPy bool, not 0/1 nor a tensor."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_mode(mode) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be 'row' or 'batch', got {mode!r}")

@@ -12,6 +12,7 @@
 #include "bindings/args.h"
 #include "bindings/array_view.h"
 #include "stochdepth/norm.h"
+#include "stochdepth/norm_entry.h"
 
 namespace py = pybind11;
 
@@ -286,6 +287,9 @@ void register_norm(py::module_& m) {
         py::arg("residual"), py::arg("survival_prob"), py::arg("weight"), py::arg("bias"),
         py::arg("norm"), py::arg("eps"), py::arg("gamma"), py::arg("training"), py::arg("seed"),
         py::arg("offset"), py::arg("mode"), py::arg("scaling"), py::arg("stream"));
+  // For stochdepth._jax_ffi's norm handlers (src/stochdepth/norm_entry.h).
+  m.attr("_norm_entry") =
+      py::capsule(const_cast<NormCoreEntry*>(norm_core_entry()), kNormEntryCapsuleName);
 }
 
 }  // namespace stochdepth

@@ -13,8 +13,11 @@
 #include <string>
 #include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include "ffi/ieee_subnormals.h"
+#include "ffi/jax_norm_ffi.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "stochdepth/core_entry.h"
@@ -32,6 +35,7 @@ using stochdepth::Device;
 using stochdepth::DeviceKind;
 using stochdepth::DropPathParams;
 using stochdepth::DType;
+using stochdepth::IeeeSubnormals;
 using stochdepth::Scaling;
 
 std::atomic<const CoreEntry*> g_entry{nullptr};
@@ -115,30 +119,24 @@ void read_key(DropPathParams& params, const uint32_t* k) {
   params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
 }
 
-// XLA:CPU runs its threads with subnormals flushed (FTZ/DAZ); the op keeps them (docs/design.md,
-// "Arithmetic"), so the calling thread, which runs the first chunk, computes in IEEE mode for the
-// call. The core's own worker threads never change their default mode.
-class IeeeSubnormals {
- public:
-#if defined(__x86_64__) || defined(_M_X64)
-  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
-  ~IeeeSubnormals() { _mm_setcsr(saved_); }
-
- private:
-  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) and DAZ (bit 6)
-  unsigned saved_;
-#elif defined(__aarch64__)
-  IeeeSubnormals() {
-    __asm__ volatile("mrs %0, fpcr" : "=r"(saved_));
-    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);  // FZ
-    __asm__ volatile("msr fpcr, %0" : : "r"(cleared));
-  }
-  ~IeeeSubnormals() { __asm__ volatile("msr fpcr, %0" : : "r"(saved_)); }
-
- private:
-  uint64_t saved_;
+// XLA:CPU allocates each output afresh (glibc mmaps a large one), so the first write to every
+// 4 KiB page faults and the kernel zeroes it: 18,913 faults per call for a 74 MiB output.
+// Advising huge pages on the buffer's 2 MiB-aligned interior before writing takes one fault per
+// 2 MiB instead, as NumPy does for its large arrays (docs/design.md, "XLA:CPU buffers"). Advice
+// only: the contents are kept, and where THP is off it changes nothing.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < int64_t{4} << 20) return;  // NumPy's threshold: below it, one huge page at most
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end =
+      (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
 #endif
-};
+}
 
 ffi::Error run_cpu(const DropPathParams& params) {
   IeeeSubnormals ieee;
@@ -161,6 +159,10 @@ ffi::Error op_cpu(const ffi::AnyBuffer* shortcut, const ffi::AnyBuffer& input,
       fill_params(params, shortcut, input, key, out, p, axis, training, batch_mode, scaling);
   if (!err.success()) return err;
   read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
+  if (params.out != params.shortcut) {  // in place, the buffer is the shortcut's, already written
+    advise_huge_pages(params.out,
+                      params.numel() * static_cast<int64_t>(stochdepth::dtype_size(params.dtype)));
+  }
   return run_cpu(params);
 }
 
@@ -324,4 +326,5 @@ PYBIND11_MODULE(_jax_ffi, m) {
   // The XLA FFI API version of the headers this module was compiled with.
   m.attr("ffi_api_version") = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.attr("jaxlib_build_version") = STOCHDEPTH_JAXLIB_BUILD_VERSION;
+  stochdepth::register_jax_norm(m);  // the fused norm's handlers (jax_norm_ffi.cc)
 }

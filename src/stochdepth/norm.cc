@@ -54,7 +54,9 @@ std::vector<uint8_t> cpu_mask(const NormParams& p) {
   std::vector<uint8_t> keep;
   if (p.training) {
     keep.resize(static_cast<size_t>(p.batch));
-    compute_mask(keep.data(), p.batch, p.seed, p.offset, p.threshold, p.batch_mode);
+    const uint64_t seed = p.rng_words ? p.rng_words[0] : p.seed;
+    const uint64_t offset = p.rng_words ? p.rng_words[1] : p.offset;
+    compute_mask(keep.data(), p.batch, seed, offset, p.threshold, p.batch_mode);
   }
   return keep;
 }

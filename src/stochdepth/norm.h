@@ -41,6 +41,10 @@ struct NormParams {
   bool training = true;
   bool batch_mode = false;
   uint64_t seed = 0, offset = 0;
+  // When set, the two words [seed, offset] the kernels read in place of seed and offset, as they
+  // are when the kernels run: on a GPU, device memory the host never reads (the JAX adapter's
+  // key operand; docs/design.md, "Fused residual and norm").
+  const uint64_t* rng_words = nullptr;
   uint64_t threshold = 0;  // from set_norm_scalars
   float scale_f32 = 1.0f;
   double scale_f64 = 1.0;

@@ -23,10 +23,12 @@ def _ok(row):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_jax_rows_tiny(dtype):
     rows = jax_rows((8, 4, 16), dtype, 0.8, 2)
-    assert [(r["impl"], r["op"]) for r in rows] == [
-        (impl, op) for op in ("forward", "forward+backward")
-        for impl in ("stochdepth.jax", "jax.jit formula", "stochdepth (NumPy)")
-    ]
+    ours, formula, numpy = "stochdepth.jax", "jax.jit formula", "stochdepth (NumPy)"
+    donated, formula_donated = "stochdepth.jax (donated)", "jax.jit formula (donated)"
+    assert [(r["impl"], r["op"]) for r in rows] == (
+        [(impl, "forward") for impl in (ours, donated, formula, formula_donated, numpy)]
+        + [(impl, "forward+backward") for impl in (ours, formula, numpy)]
+        + [(impl, "block forward") for impl in (ours, donated, formula, formula_donated)])
     for row in rows:
         _ok(row)
         assert row["dtype"] == dtype

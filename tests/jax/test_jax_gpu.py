@@ -115,8 +115,10 @@ def test_cuda_targets_registered_for_xla_command_buffers():
     jax.devices()  # starts the backends: a CUDA plugin takes the pending registrations
     if not _gpus():
         # No CUDA backend: jaxlib keeps the targets, with their traits, for one started later.
+        # The op's targets (the fused norm's: tests/jax/test_jax_norm.py).
         pending = {name: (api, traits) for name, _, api, traits
-                   in xla_client._custom_callback.get("CUDA", [])}
+                   in xla_client._custom_callback.get("CUDA", []) if not name.startswith(
+                       "stochdepth_norm_")}
         compatible = xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE
         assert pending == {name: (1, compatible) for name in TARGETS}
 

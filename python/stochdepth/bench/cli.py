@@ -14,7 +14,16 @@ import argparse
 import math
 import sys
 
-from stochdepth.bench import anchors, ceiling, cpu_rows, cuda_rows, jax_rows, keras_rows
+from stochdepth.bench import (
+    anchors,
+    ceiling,
+    cpu_rows,
+    cuda_rows,
+    jax_rows,
+    keras_rows,
+    model_rows,
+    tf_rows,
+)
 from stochdepth.bench import cases as C
 from stochdepth.bench._util import Progress, short_error
 from stochdepth.bench.env import Env
@@ -27,7 +36,7 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 # The rows of the tables, in their order: the library's, then the anchors.
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
-SECTIONS = [keras_rows.SECTION, jax_rows.SECTION]
+SECTIONS = [keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION, model_rows.SECTION]
 
 
 def _plan(args):
@@ -292,12 +301,29 @@ def parse_args(argv=None):
                     help="skip the JAX rows (stochdepth.jax vs jax.jit of the formula)")
     ap.add_argument("--no-keras", action="store_true",
                     help="skip the Keras rows (stochdepth.keras vs kerasfactory, torch backend)")
+    ap.add_argument("--no-tf", action="store_true",
+                    help="skip the Keras-on-TensorFlow rows (stochdepth.keras vs kerasfactory)")
+    ap.add_argument("--no-model", action="store_true",
+                    help="skip the model section (train steps of timm-structured block stacks)")
+    ap.add_argument("--model-cases", default=None, metavar="LIST",
+                    help="comma-separated model cases (default all: "
+                         f"{','.join(c.name for c in model_rows.MODEL_CASES)})")
+    ap.add_argument("--model-depth", type=int, default=2,
+                    help="blocks per model stack (default 2: small enough for a 2-core CPU)")
+    ap.add_argument("--model-batch", type=int, default=8, help="model batch size (default 8)")
+    ap.add_argument("--model-optimizer", choices=("adamw", "sgd"), default="adamw",
+                    help="the optimizer of the model train steps (default adamw)")
+    ap.add_argument("--model-compile-backend", default="inductor", metavar="NAME",
+                    help="torch.compile backend of the compiled model rows (default inductor)")
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
     if args.min_time is None:
         args.min_time = 0.3 if args.device == "cpu" else 0.1
     if not 0.0 <= args.p <= 1.0 or math.isnan(args.p):
         ap.error(f"--p must be in [0, 1], got {args.p}")
+    if args.model_depth < 1 or args.model_batch < 1:
+        ap.error(f"--model-depth and --model-batch must be >= 1, got {args.model_depth} and "
+                 f"{args.model_batch}")
     if args.rounds is not None and args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.plot:

@@ -1,13 +1,24 @@
 """JAX rows for `python -m stochdepth.bench` (CPU): the FFI custom calls against what JAX users
 write today, on the same arrays.
 
-`jax_rows(shape, dtype, p, reps)`, each for "forward" and "forward+backward" (a `jax.vjp` with
-a given cotangent, i.e. what `jax.grad` runs), all jitted:
+`jax_rows(shape, dtype, p, reps)`, for "forward", "forward+backward" (a `jax.vjp` with a given
+cotangent, i.e. what `jax.grad` runs) and "block forward" (the op inside a jitted residual block,
+x + op(gelu((x @ A) @ B)) with a rank-16 branch, so that XLA owns the residual's buffer too), all
+jitted:
 
 - "stochdepth.jax"   stochdepth.jax.stochastic_depth (the kernels as XLA FFI custom calls)
+- "stochdepth.jax (donated)"  the same with donate_shortcut=True under
+                     jax.jit(donate_argnums=0): the result is written into the shortcut's
+                     buffer (forward and block forward; the donated shortcut is a fresh copy
+                     made untimed before each call)
 - "jax.jit formula"  where(keep, shortcut + residual / p, shortcut), keep given as an operand
                      (the mask's cost is not counted for the formula: its best case)
+- "jax.jit formula (donated)"  the formula with the shortcut donated the same way (XLA then
+                     writes its fusion's result into that buffer)
 - "stochdepth (NumPy)"  stochdepth.forward / backward on NumPy arrays: the raw library call
+                     (forward and forward+backward)
+
+Why the donated and block rows: docs/design.md, "XLA:CPU buffers".
 
 `keras_jax_rows(shape, dtype, p, reps)`: the Keras layer on the JAX backend, stochdepth.keras
 vs kerasfactory 0.1.1 (seeded, so that jit can trace it; rank 4, as in keras_rows), as a jitted
@@ -36,14 +47,16 @@ __all__ = ["KERAS_ROWS", "ROWS", "SECTION", "jax_rows", "keras_jax_rows", "repor
 CASE = (128, 197, 768)  # the issue's ViT-B/16 block, batch 128
 QUICK_CASE = (16, 197, 64)
 QUICK_KERAS_CASE = (4, 16, 16, 32)  # rank 4: the one rank where kerasfactory draws per sample
-OPS = ("forward", "forward+backward")
+OPS = ("forward", "forward+backward", "block forward")
+KERAS_OPS = ("forward", "forward+backward")
+BRANCH_RANK = 16  # the block's branch: (x @ A) @ B, A of shape (C, 16), B of shape (16, C)
 
 
 def _row(impl, op, shape, dtype, p, reps, n_bytes):
-    fwd = n_bytes * (2.0 + p)
+    fwd = n_bytes * (2.0 + p)  # the op's traffic; in a block, the branch's is not counted
     return {"impl": impl, "op": op, "shape": tuple(shape), "dtype": dtype, "p": float(p),
             "device": "cpu", "backend": "jax", "reps": int(reps),
-            "bytes": fwd if op == "forward" else fwd + n_bytes * (1.0 + p)}
+            "bytes": fwd + n_bytes * (1.0 + p) if op == "forward+backward" else fwd}
 
 
 def _timed(rows, row, build, d, reps):
@@ -70,11 +83,47 @@ def _jitted(f, extra):
         ja, jb, jg, e = d.ja, d.jb, d.jg, extra(d)
         return (lambda: jax.block_until_ready(jf(ja, jb, jg, e))), None
 
-    return {"forward": forward, "forward+backward": forward_backward}
+    def block_forward(d):
+        jf = d.jax.jit(lambda a, e: f(d, a, _branch(d, a), e))
+        ja, e = d.ja, extra(d)
+        return (lambda: jf(ja, e).block_until_ready()), None
+
+    return {"forward": forward, "forward+backward": forward_backward,
+            "block forward": block_forward}
+
+
+def _donated(f, extra):
+    """The forward ops of f with the shortcut donated (jax.jit(donate_argnums=0)): each call
+    gets a fresh copy of the shortcut, made and completed untimed in its setup."""
+
+    def fresh(d):
+        x = d.jnp.array(d.ja, copy=True)
+        x.block_until_ready()
+        return (x,)
+
+    def forward(d):
+        jf = d.jax.jit(lambda a, b, e: f(d, a, b, e), donate_argnums=0)
+        jb, e = d.jb, extra(d)
+        return (lambda a: jf(a, jb, e).block_until_ready()), (lambda: fresh(d))
+
+    def block_forward(d):
+        jf = d.jax.jit(lambda a, e: f(d, a, _branch(d, a), e), donate_argnums=0)
+        e = extra(d)
+        return (lambda a: jf(a, e).block_until_ready()), (lambda: fresh(d))
+
+    return {"forward": forward, "block forward": block_forward}
+
+
+def _branch(d, a):
+    return d.jax.nn.gelu((a @ d.wa) @ d.wb)
 
 
 def _ours(d, a, b, s):
     return d.sdj.stochastic_depth(a, b, d.p, seed=s, scaling="training")
+
+
+def _ours_donated(d, a, b, s):
+    return d.sdj.stochastic_depth(a, b, d.p, seed=s, scaling="training", donate_shortcut=True)
 
 
 def _formula(d, a, b, keep):
@@ -100,8 +149,12 @@ def _numpy_forward_backward(d):
 ROWS = [
     Row("stochdepth.jax", "stochdepth.jax", framework="jax", ours=True,
         ops=_jitted(_ours, lambda d: d.seed_op)),
+    Row("stochdepth.jax (donated)", "stochdepth.jax (donated)", framework="jax", ours=True,
+        ops=_donated(_ours_donated, lambda d: d.seed_op)),
     Row("jax.jit formula", "jax.jit formula", framework="jax", anchor="jax.jit formula",
         ops=_jitted(_formula, lambda d: d.keep)),
+    Row("jax.jit formula (donated)", "jax.jit formula (donated)", framework="jax",
+        anchor="jax.jit formula (donated)", ops=_donated(_formula, lambda d: d.keep)),
     Row("stochdepth (NumPy)", "stochdepth (NumPy)", framework="stochdepth", ours=True,
         ops={"forward": _numpy_forward, "forward+backward": _numpy_forward_backward}),
 ]
@@ -122,13 +175,16 @@ def jax_rows(shape=CASE, dtype="float32", p=0.8, reps=10, *, seed=1234):
     keep = jnp.asarray(stochdepth.mask(shape[0], p, seed=seed)).reshape((-1,) + (1,) * (
         len(shape) - 1))
     # What the builders read: the NumPy arrays, their device copies, the mask given to the
-    # formula (its cost is not counted: the formula's best case), the seed as an operand.
+    # formula (its cost is not counted: the formula's best case), the seed as an operand, the
+    # block's branch weights.
+    wa, wb = (jax.device_put((0.1 * rng.standard_normal(s)).astype(np_dtype))
+              for s in ((shape[-1], BRANCH_RANK), (BRANCH_RANK, shape[-1])))
     d = types.SimpleNamespace(jax=jax, jnp=jnp, stochdepth=stochdepth, sdj=sdj, p=p, seed=seed,
                               a=a, b=b, g=g, ja=ja, jb=jb, jg=jg, keep=keep,
-                              seed_op=jnp.uint32(seed))
+                              seed_op=jnp.uint32(seed), wa=wa, wb=wb)
     rows = []
     for op in OPS:
-        for row in ROWS:
+        for row in (r for r in ROWS if op in r.ops):
             _timed(rows, _row(row.name, op, shape, np_dtype.name, p, reps, a.nbytes),
                    row.ops[op], d, reps)
     return rows
@@ -155,7 +211,7 @@ def _layer_ops(make_layer):
         jf = jax.jit(lambda a, b, g: jax.vjp(f, a, b)[1](g))
         return (lambda: jax.block_until_ready(jf(a, b, g))), None
 
-    return {op: (lambda d, op=op: build(d, op)) for op in OPS}
+    return {op: (lambda d, op=op: build(d, op)) for op in KERAS_OPS}
 
 
 def _keras_ours(d):
@@ -192,7 +248,7 @@ def _keras_rows_here(shape, dtype, p, reps, seed):
     d = types.SimpleNamespace(jax=jax, p=p, seed=seed, dtype=dtype, a=a, b=b, g=g)
     rows = []
     for row in KERAS_ROWS:
-        for op in OPS:
+        for op in KERAS_OPS:
             _timed(rows, _row(row.name, op, shape, dtype, p, reps, n_bytes), row.ops[op], d,
                    reps)
     return rows
@@ -215,12 +271,12 @@ def _print(title, rows, base_impl):
     base = {(r["dtype"], r["op"]): r.get("median_ms") for r in rows if r["impl"] == base_impl}
     for r in rows:
         if "error" in r:
-            print(f"  {r['impl']:20s} {r['dtype']:9s} {r['op']:17s} FAILED: {r['error']}")
+            print(f"  {r['impl']:26s} {r['dtype']:9s} {r['op']:17s} FAILED: {r['error']}")
             continue
         ref = base.get((r["dtype"], r["op"]))
         vs = f"  {ref / r['median_ms']:5.1f}x vs {base_impl}" if ref and r["impl"] != base_impl \
             else ""
-        print(f"  {r['impl']:20s} {r['dtype']:9s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
+        print(f"  {r['impl']:26s} {r['dtype']:9s} {r['op']:17s} {r['median_ms']:9.2f}{vs}")
 
 
 def report(p, reps, *, quick=False, keras=True):

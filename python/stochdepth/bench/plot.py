@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from stochdepth.bench.model_rows import add_plot_panel
+
 __all__ = ["check_plot_path", "figure", "write_plot"]
 
 
@@ -30,8 +32,12 @@ def figure(results):
     cases = [c for c in results.get("cases", []) if c.get("ops")]
     titles = [f"{c['name']}: {tuple(c['shape'])} {c['dtype']}"
               + (" (partly fits in cache)" if c.get("fits_in_cache") else "") for c in cases]
-    fig = make_subplots(rows=max(len(cases), 1), cols=1, subplot_titles=titles or ["no cases"],
-                        vertical_spacing=0.25 / max(len(cases), 1))
+    has_model = bool((results.get("model") or {}).get("cases"))  # the model section's panel
+    if has_model:
+        titles = (titles or ["no cases"]) + ["model train steps: x vs timm formula (same run)"]
+    panels = max(len(cases), 1) + has_model
+    fig = make_subplots(rows=panels, cols=1, subplot_titles=titles or ["no cases"],
+                        vertical_spacing=0.25 / panels)
     import plotly.graph_objects as go
 
     shown = set()
@@ -54,12 +60,14 @@ def figure(results):
             shown.add(label)
         fig.add_hline(y=100, line_dash="dash", line_color="black", row=i, col=1)
         fig.update_yaxes(title_text="% of ceiling", row=i, col=1)
+    if has_model:
+        add_plot_panel(fig, results, panels)
     device = results.get("device", "?")
     machine = results.get("machine", {})
     where = (machine.get("gpu", {}).get("name") if device == "cuda"
              else f"{machine.get('cpu_model')}, LLC {machine.get('llc', {}).get('text')}")
     fig.update_layout(
-        barmode="group", height=380 * max(len(cases), 1) + 120,
+        barmode="group", height=380 * panels + 120,
         title=f"stochdepth benchmark ({device}: {where}, {machine.get('date_utc')}): % of the "
               "ceiling measured in the same rounds")
     return fig

@@ -10,7 +10,8 @@ report. The rows modules only export lists of Row objects:
     cuda_rows.ROWS   the library on a GPU (torch tensors)
     anchors.ROWS     what users run today: NumPy, torchvision, timm, torch.compile
     ceiling.ROWS     the implementations of the ceiling primitives (copy, add, add in place, fill)
-    jax_rows.ROWS, jax_rows.KERAS_ROWS, keras_rows.ROWS: the rows of the JAX and Keras sections
+    jax_rows.ROWS, jax_rows.KERAS_ROWS, keras_rows.ROWS, tf_rows.KERAS_ROWS: the rows of the
+                     JAX and Keras sections (Keras on torch, JAX and TensorFlow)
 
 Adding a row: one Row in the list of its module, with a builder per op it implements. A
 builder takes the case's tensors (cpu_rows.CpuTensors or cuda_rows.CudaTensors: the same

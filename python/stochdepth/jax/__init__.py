@@ -20,9 +20,9 @@ without recompiling. Accepted:
   seed s, and `stochdepth.mask(batch, p, seed=int(k[0]) << 32 | int(k[1]), offset=offset)`
   reproduces the mask of any key.
 
-`survival_prob`, `training`, `mode`, `axis` and `scaling` are static (Python values): a new
-value compiles anew. vmap is supported and runs the op once per element (sequentially), so
-each element may carry its own key.
+`survival_prob`, `training`, `mode`, `axis`, `scaling` and `donate_shortcut` are static (Python
+values): a new value compiles anew. vmap is supported and runs the op once per element
+(sequentially), so each element may carry its own key.
 
 Platforms: the CPU, and CUDA GPUs when stochdepth was built with CUDA (a JAX GPU backend, e.g.
 jax[cuda12], runs the library's CUDA kernels on XLA's stream). On the GPU the key operand stays
@@ -41,8 +41,11 @@ from .. import _op
 from .._op import OpConfig
 from . import _ops
 from ._ffi import MIN_JAXLIB
+from .norm import stochastic_depth_norm  # the fused residual + norm (norm.py)
+from .residual import stochastic_residual
 
-__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB"]
+__all__ = ["stochastic_depth", "drop_path", "apply", "key_words", "MIN_JAXLIB",
+           "stochastic_depth_norm", "stochastic_residual"]
 
 
 def _as_array(value, expected):
@@ -123,14 +126,14 @@ def _static(config, axis):
             int(config.scaling == "training"))
 
 
-def _run(shortcut, residual, words, config):
+def _run(shortcut, residual, words, config, donate=False):
     """The op on checked arrays (jnp arrays; shortcut None for the single-input form)."""
     if shortcut is None:
         ax = _op.check_arrays("x", _dtype_name(residual), tuple(residual.shape), config.axis)
         return _ops.scale_op(residual, words, _static(config, ax))
     ax = _op.check_arrays("residual", _dtype_name(residual), tuple(residual.shape), config.axis,
                           (_dtype_name(shortcut), tuple(shortcut.shape)))
-    return _ops.residual_op(shortcut, residual, words, _static(config, ax))
+    return _ops.residual_op(shortcut, residual, words, _static(config, ax), donate)
 
 
 def _words(seed, offset, training):
@@ -139,21 +142,24 @@ def _words(seed, offset, training):
     return jnp.zeros((4,), jnp.uint32)  # not read at inference
 
 
-def apply(shortcut, residual, words, config):
+def apply(shortcut, residual, words, config, *, donate_shortcut=False):
     """The op for a caller that holds its key words already (the Keras layer on the JAX backend).
 
     `words` is the uint32[4] operand [seed_lo, seed_hi, offset_lo, offset_hi] (`key_words`
     makes it; traced is fine; not read at inference), `config` a validated
     `stochdepth._op.OpConfig`. `shortcut` None is the single-input form (`drop_path`). The
-    arrays are checked as in `stochastic_depth`.
+    arrays and `donate_shortcut` are checked as in `stochastic_depth`.
     """
+    donate = _op.check_flag("donate_shortcut", donate_shortcut)
+    if donate and shortcut is None:
+        raise ValueError("donate_shortcut=True needs a shortcut (drop_path has none)")
     residual = jnp.asarray(residual)
     shortcut = None if shortcut is None else jnp.asarray(shortcut)
-    return _run(shortcut, residual, words, config)
+    return _run(shortcut, residual, words, config, donate)
 
 
 def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, training=True,
-                     mode="row", axis=0, scaling="inference"):
+                     mode="row", axis=0, scaling="inference", donate_shortcut=False):
     """``shortcut + keep * s * residual`` (training) or ``shortcut + c * residual`` (inference).
 
     Args:
@@ -167,6 +173,13 @@ def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, 
         mode: "row" (one draw per sample) or "batch" (one draw for the batch).
         axis: the sample axis.
         scaling: "inference" (s = 1, c = p) or "training" (s = 1/p, c = 1).
+        donate_shortcut: True writes the result into the shortcut's buffer (an XLA input-output
+            alias), in place: no output buffer is allocated and a dropped sample's memory is not
+            touched. Use it where XLA may reuse that buffer: under `jax.jit(...,
+            donate_argnums=...)` with the shortcut donated, or for a shortcut computed in the
+            same jitted function and read by nothing after this op. Elsewhere XLA copies the
+            shortcut first, which costs more than the default. The values are the same either
+            way (docs/design.md, "XLA:CPU buffers").
 
     The mask equals `stochdepth.mask(batch, p, seed=..., offset=..., mode=mode)`; a dropped
     sample is the shortcut bit for bit and its residual is not read. Differentiable in shortcut
@@ -174,7 +187,8 @@ def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, 
     """
     config = OpConfig(survival_prob, mode, axis, scaling, training)
     shortcut = jnp.asarray(shortcut)  # None is an error here, as JAX reads it: not drop_path
-    return apply(shortcut, residual, _words(seed, offset, config.training), config)
+    return apply(shortcut, residual, _words(seed, offset, config.training), config,
+                 donate_shortcut=donate_shortcut)
 
 
 def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row", axis=0,

@@ -7,6 +7,10 @@ the backward kernel: nothing but the key is saved (docs/design.md, "Semantics").
 
 vmap runs the custom call once per batch element ("sequential"): each element may have its own
 key, and the kernels' layout is one sample axis.
+
+`donate` (the residual op's second static argument) aliases the result to the shortcut operand
+(`input_output_aliases`): the kernel then runs in place in the shortcut's buffer, which pays
+only where XLA may reuse that buffer (docs/design.md, "XLA:CPU buffers").
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ def _attrs(cfg):
     )
 
 
-def _call(target, like, operands, cfg):
+def _call(target, like, operands, cfg, aliases=None):
     call = jax.ffi.ffi_call(
-        target, jax.ShapeDtypeStruct(like.shape, like.dtype), vmap_method="sequential"
+        target, jax.ShapeDtypeStruct(like.shape, like.dtype), vmap_method="sequential",
+        input_output_aliases=aliases,
     )
     return call(*operands, **_attrs(cfg))
 
@@ -44,16 +49,17 @@ def _float0_like(key):
 # ---- shortcut + keep * s * residual
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def residual_op(shortcut, residual, key, cfg):
-    return _call("stochdepth_residual", residual, (shortcut, residual, key), cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def residual_op(shortcut, residual, key, cfg, donate):
+    return _call("stochdepth_residual", residual, (shortcut, residual, key), cfg,
+                 {0: 0} if donate else None)
 
 
-def _residual_fwd(shortcut, residual, key, cfg):
-    return residual_op(shortcut, residual, key, cfg), key
+def _residual_fwd(shortcut, residual, key, cfg, donate):
+    return residual_op(shortcut, residual, key, cfg, donate), key
 
 
-def _residual_bwd(cfg, key, g):
+def _residual_bwd(cfg, donate, key, g):
     # d/d shortcut is the identity; d/d residual is keep * s * g, by the same kernel.
     return g, _call("stochdepth_scale", g, (g, key), cfg), _float0_like(key)
 

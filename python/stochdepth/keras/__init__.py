@@ -20,6 +20,8 @@ from __future__ import annotations
 from ._compat import KERASFACTORY_CUSTOM_OBJECTS, kerasfactory_compat, load_kerasfactory_model
 from ._philox import keep_mask
 from .layer import StochasticDepth
+from .norm import StochasticDepthNorm  # the fused residual + norm (norm.py)
+from .residual import StochasticResidual
 
 # Saved `.keras` files record the class's module: keep naming the public one, as they did before
 # the adapter became a package (either name loads, this keeps the files unchanged).
@@ -27,6 +29,8 @@ StochasticDepth.__module__ = __name__
 
 __all__ = [
     "StochasticDepth",
+    "StochasticDepthNorm",
+    "StochasticResidual",
     "KERASFACTORY_CUSTOM_OBJECTS",
     "kerasfactory_compat",
     "load_kerasfactory_model",

@@ -7,9 +7,12 @@ draws per token for rank 3 and fails for rank 5); `seed=0` is a seed; a jitted t
 draws a fresh mask each step, seeded or not; a dropped sample is the shortcut exactly, its
 residual unread (kerasfactory's `shortcut + 0 * residual` turns Inf into NaN).
 
-On the torch backend the layer calls `stochdepth.torch.stochastic_depth` and on the JAX backend
-`stochdepth.jax` (`_jax_backend.py`): the compiled kernels, gradients included. Elsewhere
-(TensorFlow) it draws the mask with `_philox.keep_mask` and combines in `keras.ops`.
+On the torch backend the layer calls `stochdepth.torch.stochastic_depth`, on the JAX backend
+`stochdepth.jax.apply` (`_jax_backend.py`) and on the TensorFlow backend
+`stochdepth.tensorflow.apply` (`_tf_backend.py`, where this build has the TensorFlow ops): the
+compiled kernels, gradients included. Elsewhere (TensorFlow without the ops, or inside an
+XLA-compiled function) it draws the mask with `_philox.keep_mask` and combines in `keras.ops`,
+with the same outputs.
 Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` on every backend
 (docs/design.md, "Randomness in the adapters").
 """
@@ -34,7 +37,7 @@ from .._op import (
     join64,
     split64,
 )
-from . import _jax_backend
+from . import _jax_backend, _tf_backend
 from ._philox import keep_mask
 
 _STATE_KEY = "seed_generator_state"  # the key of the saved state in the layer's weight store
@@ -105,6 +108,11 @@ class StochasticDepth(keras.layers.Layer):
         self.mode = check_mode(mode)
         self.scaling = check_scaling(scaling)
         self.axis = check_axis(axis)
+        # The TensorFlow ops have no XLA kernel: Keras leaves XLA off for a model with this layer
+        # (jit_compile="auto"), and turns an explicit jit_compile=True off with a warning.
+        self._use_tf_ops = keras.backend.backend() == "tensorflow" and _tf_backend.available()
+        if self._use_tf_ops:
+            self.supports_jit = False
         # State [seed & 0xFFFFFFFF, step]: SeedGenerator.next() returns it and advances the step.
         # A seed's high word never changes, so it stays a constant of the layer.
         seed_lo, self._seed_hi = split64(0 if self.seed is None else self.seed)
@@ -134,6 +142,8 @@ class StochasticDepth(keras.layers.Layer):
         config = OpConfig(self.survival_prob, self.mode, self.axis, self.scaling, bool(training))
         if keras.backend.backend() == "jax":
             return _jax_backend.call(self, shortcut, residual, config)  # checks the arrays
+        if self._use_tf_ops and not _tf_backend.in_xla_context():
+            return _tf_backend.call(self, shortcut, residual, config)  # checks the arrays
         axis = self._check_inputs(shortcut, residual, config.axis)
         if keras.backend.backend() == "torch":
             return self._call_torch(shortcut, residual, config)

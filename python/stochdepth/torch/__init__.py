@@ -18,6 +18,7 @@ from ._ops import drop_path_bwd, drop_path_fwd
 from .functional import drop_path, stochastic_depth, torchvision_stochastic_depth
 from .modules import DropPath, StochasticDepth, TorchvisionStochasticDepth
 from .norm import StochasticDepthNorm, stochastic_depth_norm
+from .patch import PatchReport, patch
 from .residual import StochasticResidual, stochastic_residual
 
 __all__ = [
@@ -34,4 +35,6 @@ __all__ = [
     "stochastic_residual",
     "stochastic_depth_norm",
     "StochasticDepthNorm",
+    "patch",
+    "PatchReport",
 ]

@@ -6,10 +6,11 @@ them for the op; the eager fast path wraps the same three functions in a small
 `torch.autograd.Function`, which skips the dispatcher's per-call cost for plain eager tensors.
 `forward`, `backward`, `scatter` and `gather` below run an op by the path that the call's entry
 chose (`eager`, from one `_mode.eager` at the entry: a public function or module, or a backward);
-everything else in the adapter calls those four. A registered op is an entry too
-(`torch.ops.stochdepth.*`): it checks its own arguments. Backward recomputes the mask from
-(seed, offset): an eager call keeps the pair as Python ints and saves no tensor; a traced one
-saves the 16-byte rng tensor.
+everything else in the adapter calls those four, except that a StochasticResidual traced by
+torch.compile calls `select_kept` and `rank_rng` as ops (they have no eager path). A registered
+op is an entry too (`torch.ops.stochdepth.*`): it checks its own arguments. Backward recomputes
+the mask from (seed, offset): an eager call keeps the pair as Python ints and saves no tensor; a
+traced one saves the 16-byte rng tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 from .. import _op
 from . import _kernels, _mode
 from ._checks import check_op_args, check_rng
-from ._keys import Key
+from ._keys import Key, Rng
 
 # ---- the ops' own entries: their arguments checked, their rng read as the kernels take it -----
 
@@ -147,6 +148,44 @@ def _(full, rng, survival_prob, batch_mode, scaling, n_kept):
     return full.new_empty((n_kept,) + tuple(full.shape[1:]))
 
 
+@torch.library.custom_op("stochdepth::select_kept", mutates_args=())
+def select_kept(full: Tensor, rng: Tensor, survival_prob: float, batch_mode: bool) -> Tensor:
+    """The kept samples of `full` (dim 0), in order, as many rows as the mask keeps: gather_kept
+    with factor 1 and the kept count computed from `rng`. Under torch.compile that count is a
+    data-dependent size (docs/design.md, "Skipping dropped samples"), so one graph serves every
+    mask."""
+    check_rng(rng)
+    _op.check_rank("full", full.dim())
+    key = _host_key(rng, survival_prob, "inference")
+    n_kept = _kernels.kept_count(full.shape[0], survival_prob, batch_mode, key.seed, key.offset)
+    return _kernels.gather(full, key, survival_prob, batch_mode, "inference", n_kept)
+
+
+@select_kept.register_fake
+def _(full, rng, survival_prob, batch_mode):
+    check_rng(rng)
+    _op.check_rank("full", full.dim())
+    batch = full.shape[0]
+    # Between 0 and the batch: the bound only where the batch size is static (a bound must be).
+    n_kept = torch.library.get_ctx().new_dynamic_size(
+        min=0, max=batch if isinstance(batch, int) else None)
+    return full.new_empty((n_kept,) + tuple(full.shape[1:]))
+
+
+@torch.library.custom_op("stochdepth::rank_rng", mutates_args=())
+def rank_rng(rng: Tensor, rank: int) -> Tensor:
+    """[rank_seed(seed, rank), offset]: the pair as distributed rank `rank` uses it (rank < 0: a
+    copy of `rng`), computed on the host from a pair that may be a graph value."""
+    check_rng(rng)
+    return Rng.of(rng).for_rank(rank).tensor()
+
+
+@rank_rng.register_fake
+def _(rng, rank):
+    check_rng(rng)
+    return torch.empty((2,), dtype=torch.int64)
+
+
 # ---- autograd: one setup_context and one backward per op, for both paths ---------------------
 
 
@@ -245,10 +284,23 @@ def _gather_backward(ctx, grad):
     return g_full, None, None, None, None, None
 
 
+def _select_setup(ctx, inputs, output):
+    full, rng, survival_prob, batch_mode = inputs
+    ctx.args = (survival_prob, batch_mode, "inference")
+    ctx.batch = full.shape[0]
+    _keep_rng(ctx, rng)
+
+
+def _select_backward(ctx, grad):
+    # select_kept is gather_kept with factor 1: the same adjoint.
+    return _gather_backward(ctx, grad)[0], None, None, None
+
+
 drop_path_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 drop_path_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 scatter_kept.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 gather_kept.register_autograd(_gather_backward, setup_context=_gather_setup)
+select_kept.register_autograd(_select_backward, setup_context=_select_setup)
 
 
 # ---- the eager fast path: the same body, setup and backward without the dispatcher -----------

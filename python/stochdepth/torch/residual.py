@@ -5,7 +5,9 @@
     inference: out = x + c * branch(x)
 
 The mask is known on the host before the branch runs; the gather and the scatter-add are the
-custom ops `stochdepth::gather_kept` and `stochdepth::scatter_kept` (re-exported here).
+custom ops `stochdepth::gather_kept` and `stochdepth::scatter_kept` (re-exported here). Under
+torch.compile the whole block is in the graph: `stochdepth::select_kept` gathers the kept samples
+with the kept count as a data-dependent size, so one graph serves every mask (`_compiled`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ def _settle(rng: Rng, rank, batch, survival_prob, batch_mode):
     return Key(*rng), kept_count(batch, survival_prob, batch_mode, rng.seed, rng.offset)
 
 
-# Under torch.compile the mask is settled outside the graph: at most one deliberate graph break
-# per call (torch 2.13 traces around it without one). The pair re-enters the graph as a tensor,
-# so a new offset does not recompile; the kept count becomes a dynamic size.
+# Traced outside torch.compile (make_fx, dispatch modes, functorch transforms) the mask is settled
+# on the host, as in eager mode, with the pair as the traced code holds it.
 @torch.compiler.disable
 def _settle_outside_graph(rng, rank, batch, survival_prob, batch_mode):
     # `rng` as the traced code holds it: an Rng given as constants, or a CPU tensor (a draw in
@@ -79,6 +80,31 @@ def _residual(eager, x, branch, config, rng, rank):
     return _ops.scatter(eager, x, y, key, p, batch_mode, config.scaling, batch)
 
 
+def _compiled(x, branch, config, rng: Tensor, rank: int) -> Tensor:
+    """Training inside torch.compile (or torch.export): the block in the graph (with
+    fullgraph=True; without, dynamo's default breaks the graph at select_kept, an op whose output
+    size depends on data). `rng` is the pair as a graph value (a constant, a draw or the
+    module's state). The kept count is a data-dependent size of select_kept's output
+    (docs/design.md, "Skipping dropped samples"): one graph for every mask, the branch run on
+    exactly the kept samples, so the same bits as eager mode. p = 0 and p = 1 are static:
+    nothing and everything kept, as eager.
+    """
+    p, batch_mode = config.survival_prob, config.batch_mode
+    if p == 0.0:
+        return x  # nothing kept: the branch does not run at all
+    if rank >= 0:
+        rng = _ops.rank_rng(rng, rank)
+    kept_x = x if p == 1.0 else _ops.select_kept(x, rng, p, batch_mode)
+    y = branch(kept_x)
+    if y.shape[1:] != x.shape[1:] or y.shape[0] != kept_x.shape[0]:
+        raise ValueError(f"branch must keep the shape of its input, got {tuple(y.shape)} for "
+                         f"an input of shape {tuple(kept_x.shape)}")
+    if y.dtype != x.dtype:
+        common = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.to(common), y.to(common)
+    return _ops.scatter(False, x, y, rng, p, batch_mode, config.scaling, x.shape[0])
+
+
 def _check_x(x) -> None:
     check_tensor("x", x)
     _op.check_rank("x", x.dim())
@@ -105,9 +131,15 @@ def stochastic_residual(x: Tensor, branch, survival_prob: float, training: bool 
     if not config.training:
         return _inference(x, branch, config)
     eager = _mode.eager(x)  # this call's one decision
+    rank = rank_key(sync_across_ranks)
+    if not eager and torch.compiler.is_compiling():
+        # The pair as a graph value: a new draw does not recompile. A CPU tensor, read on the
+        # host by the ops (a CUDA generator's draw is copied to the host, as eagerly).
+        rng = draw(generator) if seed is None else host_rng(seed, offset, None).tensor()
+        return _compiled(x, branch, config, rng, rank)
     # Inside a traced graph an unseeded draw stays a graph value (read outside the graph).
     rng = draw(generator) if seed is None and not eager else host_rng(seed, offset, generator)
-    return _residual(eager, x, branch, config, rng, rank_key(sync_across_ranks))
+    return _residual(eager, x, branch, config, rng, rank)
 
 
 class StochasticResidual(SeededMixin, nn.Module):
@@ -143,8 +175,14 @@ class StochasticResidual(SeededMixin, nn.Module):
             return _inference(x, self.branch, config)
         _check_x(x)
         eager = _mode.eager(x)  # this call's one decision
+        rank = rank_key(self.sync_across_ranks)
+        if not eager and torch.compiler.is_compiling():
+            # A graph value: the state read and replaced in the graph (`_next_rng`), or a draw
+            # from torch's CPU generator, as eager mode draws.
+            rng = draw(None) if self._rng_state is None else self._next_rng(x, False)
+            return _compiled(x, self.branch, config, rng, rank)
         rng = self._host_rng() if eager else _module_rng_outside_graph(self)
-        return _residual(eager, x, self.branch, config, rng, rank_key(self.sync_across_ranks))
+        return _residual(eager, x, self.branch, config, rng, rank)
 
     def extra_repr(self) -> str:
         return (f"survival_prob={self.survival_prob}, mode={self.mode!r}, "
