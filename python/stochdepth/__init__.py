@@ -108,7 +108,7 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offs
             other CUDA inputs (JAX, a `stochdepth.Array`) must name one (a ValueError says so).
         gamma: the layer scale (LayerScale, CaiT): a vector of shape (C,), C the last axis, the
             inputs' dtype, multiplied into the residual before s (docs/design.md, "Layer
-            scale"); the sample axis must not be the last. None: the op without it. CPU only.
+            scale"); the sample axis must not be the last. None: the op without it.
 
     A dropped sample gives the shortcut bit for bit and its residual is never read, so NaN or
     Inf there does not reach the output. Returns a NumPy array for NumPy inputs, a

@@ -188,11 +188,6 @@ void check_gamma(const ArrayView& g, const ArrayView& ref, const char* ref_name,
 void check_gamma_layout_device(const ArrayView& g, const ArrayView& ref, const char* ref_name) {
   check_layout(g, "gamma");
   check_device(g, ref, "gamma", ref_name);
-  if (g.device.kind == DeviceKind::kCUDA) {
-    value_error(
-        "gamma (the layer scale) runs on the CPU only in this release; got CUDA arrays (the "
-        "fused norm, stochdepth.forward_norm, takes gamma on CUDA)");
-  }
 }
 
 DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis) {
