@@ -20,8 +20,9 @@ from stochdepth import reference
 if not stochdepth.build_info()["cuda_emulator"]:
     pytest.skip("no emulator in this build (no CUDA, or a wheel for users; test_build_info "
                 "checks which)", allow_module_level=True)
-from stochdepth import _cuda_emulator as emu  # noqa: E402
 from test_cuda_emulated import assert_kernel_equal, placed, vec  # noqa: E402
+
+from stochdepth import _cuda_emulator as emu  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("ieee_overflow_ok")
 
@@ -200,3 +201,17 @@ def test_compact_rows_with_gamma_are_refused():
     with pytest.raises(ValueError, match="CUDA compact rows do not take gamma"):
         emu.run(ptr(x), ptr(x), ptr(x), 1, 4, 6, "float32", 0.5, True, False, "training", SEED,
                 OFFSET, compact_input=True, gamma_ptr=ptr(gamma), channels=6)
+
+
+@pytest.mark.parametrize("rows, channels", [(2**31 // 768 + 1, 768), (2**26, 64), (2**33, 1)])
+def test_backward_grids_past_2_31_elements(rows, channels):
+    """The launch configuration of tensors past 2**31 elements, computed without allocating:
+    one thread per (64-row block, column), one per column for the totals."""
+    g = emu.layer_scale_grids(rows, channels)
+    assert g["blocks"] == -(-rows // 64) * -(-channels // emu.THREADS)
+    assert g["totals"] == -(-channels // emu.THREADS)
+
+
+def test_backward_grid_past_the_limit_is_refused():
+    with pytest.raises(ValueError, match="too large for one CUDA launch"):
+        emu.layer_scale_grids(2**31 * 64, 257)
