@@ -23,7 +23,8 @@
 # it is also written to $OUT/gpu_table.txt. Everything goes to $OUT/gpu_check.log too. Exit
 # status 0 only if every step that ran passed.
 # Knobs: SD_BUDGET, SD_CUDA_ARCH (default: this GPU's), SD_JOBS, SD_PYTEST_ARGS, SD_MEMCHECK_K,
-# SD_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names), SD_DRY_RUN=1 (same as --dry-run),
+# SD_RACECHECK_K, SD_GAMMA_MEMCHECK_K, SD_GAMMA_RACECHECK_K, SD_BENCH_ARGS, SD_SKIP (step names),
+# SD_DRY_RUN=1 (same as --dry-run),
 # SD_DRY_STEP_SECONDS (dry runs only: seconds each step spends first; for the deadline's test).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -227,6 +228,11 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 
 export SAN
 export MEMCHECK_K="${SD_MEMCHECK_K:-bf16 or mask or raw or stream or empty or outlives or compact}"
 export RACECHECK_K="${SD_RACECHECK_K:-(bf16 and (reference or misaligned)) or compact}"
+# The layer scale's kernels (DenseKernel with gamma, the backward's column sums): a few bf16
+# cases of their own file, so that the step's time grows by seconds ("reverse": the emulated
+# kernels' test, which a dry run selects; the GPU file has none of that name).
+export GAMMA_MEMCHECK_K="${SD_GAMMA_MEMCHECK_K:-bf16 and (misaligned or every)}"
+export GAMMA_RACECHECK_K="${SD_GAMMA_RACECHECK_K:-bf16 and (misaligned or reverse)}"
 sanitize() {
   local rc=0 filter=(--kernel-name kns=run_kernel) # the library's kernels only, not torch's
   if [[ "$DRY" != 1 ]]; then
@@ -240,13 +246,14 @@ sanitize() {
     fi
   fi
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1 # every tensor its own allocation: memcheck sees its end
-  local tests=tests/test_drop_path_cuda.py
+  local tests=tests/test_drop_path_cuda.py gamma_tests=tests/test_layer_scale_cuda.py
   # Dry run: the same pytest lines without the sanitizer, plus the emulated kernels' tests, so
   # that the -k expressions select something where the GPU tests skip.
   [[ "$DRY" == 1 ]] && tests+=" tests/test_cuda_emulated.py"
+  [[ "$DRY" == 1 ]] && gamma_tests+=" tests/test_layer_scale_cuda_emulated.py"
   for tool in memcheck racecheck; do
-    local k="$MEMCHECK_K" cmd=(env)
-    [[ $tool == racecheck ]] && k="$RACECHECK_K"
+    local k="$MEMCHECK_K" gk="$GAMMA_MEMCHECK_K" cmd=(env)
+    [[ $tool == racecheck ]] && k="$RACECHECK_K" gk="$GAMMA_RACECHECK_K"
     if [[ "$DRY" != 1 ]]; then
       cmd=("$SAN" --tool "$tool" --error-exitcode 9 --print-limit 20 "${filter[@]}")
       [[ $tool == racecheck ]] && cmd+=(--racecheck-report analysis)
@@ -254,6 +261,9 @@ sanitize() {
     echo "== $tool (${cmd[*]}): -k '$k'"
     # shellcheck disable=SC2086
     "${cmd[@]}" "$PY" -m pytest -q "${PYTEST_OPTS[@]}" $tests -k "$k" || rc=1
+    echo "== $tool, the layer scale: -k '$gk'"
+    # shellcheck disable=SC2086
+    "${cmd[@]}" "$PY" -m pytest -q "${PYTEST_OPTS[@]}" $gamma_tests -k "$gk" || rc=1
   done
   return $rc
 }

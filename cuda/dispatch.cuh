@@ -10,8 +10,8 @@
 
 namespace stochdepth {
 
-template <typename T, class L>
-void dispatch_typed(const DropPathParams& p, L& launcher) {
+template <typename T, bool kG, class L>
+void dispatch_kernel(const DropPathParams& p, L& launcher) {
   constexpr int kV = launch::kVectorBytes / static_cast<int>(sizeof(T));
   const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
   if (p.compact_input || p.compact_output) {
@@ -29,10 +29,17 @@ void dispatch_typed(const DropPathParams& p, L& launcher) {
       launch::dense_config(p.dtype, p.numel(), addr(p.shortcut), addr(p.input), addr(p.out));
   const KernelParams a = kernel_params(p, cfg.lead);
   if (cfg.vec == kV) {
-    launcher.template run<DenseKernel<T, kV>>(cfg.grid, a);
+    launcher.template run<DenseKernel<T, kV, kG>>(cfg.grid, a);
   } else {
-    launcher.template run<DenseKernel<T, 1>>(cfg.grid, a);
+    launcher.template run<DenseKernel<T, 1, kG>>(cfg.grid, a);
   }
+}
+
+template <typename T, class L>
+void dispatch_typed(const DropPathParams& p, L& launcher) {
+  // Without gamma the op's own kernels, untouched by the layer scale.
+  if (p.gamma != nullptr) return dispatch_kernel<T, true>(p, launcher);
+  dispatch_kernel<T, false>(p, launcher);
 }
 
 // The op on `launcher`; the caller checked numel() > 0 and the pointers.
@@ -40,6 +47,9 @@ template <class L>
 void dispatch_drop_path(const DropPathParams& p, L& launcher) {
   if ((p.compact_input || p.compact_output) && p.outer != 1) {
     throw std::invalid_argument("CUDA compact rows need the sample axis first (outer == 1)");
+  }
+  if ((p.compact_input || p.compact_output) && p.gamma != nullptr) {
+    throw std::invalid_argument("CUDA compact rows do not take gamma (the layer scale) yet");
   }
   switch (p.dtype) {
     case DType::kFloat16:

@@ -1,8 +1,9 @@
-// CUDA implementation of cuda_api.h: launches the kernel bodies of drop_path_kernel.cuh and
-// compact_kernel.cuh (chosen and configured by dispatch.cuh, the code the CPU emulation runs
-// too) through one __global__ wrapper, plus stream-ordered device memory and the DLPack stream
-// handshake. The keep decision comes from mask.h / philox.h, shared with the CPU; no validation
-// beyond what the launch needs (the binding layer validates).
+// CUDA implementation of cuda_api.h: launches the kernel bodies of drop_path_kernel.cuh,
+// compact_kernel.cuh and layer_scale_kernel.cuh (chosen and configured by dispatch.cuh and
+// layer_scale_kernel.cuh, the code the CPU emulation runs too) through one __global__ wrapper, plus
+// stream-ordered device memory and the DLPack stream handshake. The keep decision comes from mask.h
+// / philox.h, shared with the CPU; no validation beyond what the launch needs (the binding layer
+// validates).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +18,8 @@
 
 #include "cuda_check.h"
 #include "dispatch.cuh"
+#include "layer_scale_kernel.cuh"
+#include "scratch.h"
 #include "stochdepth/cuda_api.h"
 
 #ifndef STOCHDEPTH_CUDA_ARCHS
@@ -250,6 +253,25 @@ void drop_path_cuda(const DropPathParams& params, int device, void* stream) {
   DeviceGuard guard(device);
   GpuLauncher launcher{static_cast<cudaStream_t>(stream)};
   dispatch_drop_path(params, launcher);
+}
+
+void drop_path_backward_gamma_cuda(const DropPathParams& params, const void* residual,
+                                   void* grad_gamma, int device, void* stream) {
+  if (params.compact_input || params.compact_output || params.shortcut || !params.gamma) {
+    throw std::invalid_argument(
+        "the backward pass with gamma takes gamma, no shortcut and no compact rows");
+  }
+  if (params.channels <= 0 || grad_gamma == nullptr ||
+      (params.numel() > 0 && (params.input == nullptr || params.out == nullptr ||
+                              residual == nullptr || params.inner % params.channels != 0))) {
+    throw std::invalid_argument("drop_path_backward_gamma_cuda: null pointer or bad extent");
+  }
+  DeviceGuard guard(device);
+  GpuLauncher launcher{static_cast<cudaStream_t>(stream)};
+  // The block sums: stream-ordered scratch, freed (in stream order) once the launches are queued.
+  const Scratch partials(layer_scale_partials_bytes(params), Device{DeviceKind::kCUDA, device},
+                         stream);
+  dispatch_layer_scale_backward(params, residual, grad_gamma, partials.ptr, launcher);
 }
 
 void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void* stream) {

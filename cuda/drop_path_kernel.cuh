@@ -17,8 +17,10 @@ namespace stochdepth {
 // block per 4 consecutive samples). Phase 1: all kept -> vector loads and store; all dropped ->
 // the shortcut's bits (or zeros), input not read, and nothing at all in place; a chunk across a
 // row boundary -> input read only for kept elements, and in place only kept elements stored.
-// Chunks cut by the ends of the tensor go element by element.
-template <typename T, int V>
+// Chunks cut by the ends of the tensor go element by element. kG: the layer scale (docs/design.md,
+// "Layer scale"), out = shortcut + (scale * (gamma[e % channels] * input)); gamma is read for the
+// kept elements only. kG = false is the op without gamma, its code unchanged.
+template <typename T, int V, bool kG = false>
 struct DenseKernel {
   using Args = KernelParams;
   using A = Arith<T>;
@@ -47,6 +49,27 @@ struct DenseKernel {
   STOCHDEPTH_KERNEL_FN static int64_t local_row(const Args& a, int64_t off) {
     if (a.p.inner >= kTile) return off >= a.p.inner ? 1 : 0;               // off < 2 * inner
     return static_cast<uint32_t>(off) / static_cast<uint32_t>(a.p.inner);  // off < 2 * kTile
+  }
+
+  // The layer scale's element: scale * (gamma[ch] * x), each multiply rounded on its own
+  // (docs/design.md, "Layer scale").
+  STOCHDEPTH_KERNEL_FN static C scaled_gamma(const Args& a, C scale, uint32_t ch, T x) {
+    return A::mul(scale, A::mul(A::load(static_cast<const T*>(a.p.gamma)[ch]), A::load(x)));
+  }
+  // The channel of element e >= 0 (kG only: 0 without gamma, never used).
+  STOCHDEPTH_KERNEL_FN static uint32_t channel_of(const Args& a, int64_t e) {
+    if constexpr (kG) {
+      return static_cast<uint32_t>(static_cast<uint64_t>(e) % static_cast<uint32_t>(a.p.channels));
+    } else {
+      (void)a;
+      (void)e;
+      return 0;
+    }
+  }
+  // ch + step modulo channels, both below channels (< 2**31): no overflow in 32 bits.
+  STOCHDEPTH_KERNEL_FN static uint32_t channel_add(const Args& a, uint32_t ch, uint32_t step) {
+    ch += step;
+    return ch >= static_cast<uint32_t>(a.p.channels) ? ch - a.p.channels : ch;
   }
 
   STOCHDEPTH_KERNEL_FN static void phase(int ph, const Args& a, Idx id, Shared& sh, Thread& t) {
@@ -160,19 +183,46 @@ struct DenseKernel {
       }
     }
 
+    // kG: the channel of chunk u's first element, ch_u. Chunks lie kThreads * V elements apart,
+    // so one 64-bit remainder per thread (chunk 0; block 0's lead may put it up to V - 1
+    // elements before the tensor: shifted by V whole rows of channels) and a 32-bit step per
+    // chunk, rather than a 64-bit remainder per chunk.
+    uint32_t ch_u = 0, step = 0;
+    if constexpr (kG) {
+      ch_u = channel_of(a, t.e[0] + (t.e[0] < 0 ? int64_t{a.p.channels} * V : 0));
+      step = static_cast<uint32_t>(launch::kThreads * V) % static_cast<uint32_t>(a.p.channels);
+    }
+
     // Arithmetic (multiply rounded, add rounded, one rounding on store) and stores.
 #pragma unroll
     for (int u = 0; u < kChunks; ++u) {
+      if constexpr (kG) {
+        if (u > 0) ch_u = channel_add(a, ch_u, step);
+      }
       if (t.whole & (1u << u)) {
         if (a.in_place && km[u] == 0u) continue;
         P o;
+        if constexpr (kG) {
+          uint32_t ch = ch_u;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          if (km[u] & (1u << j)) {
-            const C scaled = A::mul(scale, A::load(x[u].get(j)));
-            o.set(j, A::store(sc != nullptr ? A::add(A::load(t.s[u].get(j)), scaled) : scaled));
-          } else {
-            o.set(j, sc != nullptr ? t.s[u].get(j) : A::store(C(0)));
+          for (int j = 0; j < V; ++j) {
+            if (km[u] & (1u << j)) {
+              const C scaled = scaled_gamma(a, scale, ch, x[u].get(j));
+              o.set(j, A::store(sc != nullptr ? A::add(A::load(t.s[u].get(j)), scaled) : scaled));
+            } else {
+              o.set(j, sc != nullptr ? t.s[u].get(j) : A::store(C(0)));
+            }
+            if (++ch == static_cast<uint32_t>(a.p.channels)) ch = 0;
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            if (km[u] & (1u << j)) {
+              const C scaled = A::mul(scale, A::load(x[u].get(j)));
+              o.set(j, A::store(sc != nullptr ? A::add(A::load(t.s[u].get(j)), scaled) : scaled));
+            } else {
+              o.set(j, sc != nullptr ? t.s[u].get(j) : A::store(C(0)));
+            }
           }
         }
         if (!a.in_place || km[u] == kFull) {
@@ -191,7 +241,8 @@ struct DenseKernel {
           const bool keep = !a.p.training ||
                             (t.uniform ? sh.keep[0] : sh.keep[local_row(a, idx - t.origin)]) != 0;
           if (keep) {
-            const C scaled = A::mul(scale, A::load(in[idx]));
+            const C scaled = kG ? scaled_gamma(a, scale, channel_of(a, idx), in[idx])
+                                : A::mul(scale, A::load(in[idx]));
             out[idx] = A::store(sc != nullptr ? A::add(A::load(sc[idx]), scaled) : scaled);
           } else if (!a.in_place) {
             out[idx] = sc != nullptr ? sc[idx] : A::store(C(0));

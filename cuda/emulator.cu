@@ -8,6 +8,7 @@
 
 #include "dispatch.cuh"
 #include "emulator.h"
+#include "layer_scale_kernel.cuh"
 
 namespace stochdepth {
 namespace emulator {
@@ -15,10 +16,20 @@ namespace {
 
 template <class K>
 struct KernelName;
-template <typename T, int V>
-struct KernelName<DenseKernel<T, V>> {
-  static const char* get() { return "dense"; }
+template <typename T, int V, bool kG>
+struct KernelName<DenseKernel<T, V, kG>> {
+  static const char* get() { return kG ? "dense_gamma" : "dense"; }
   static constexpr int vec = V;
+};
+template <typename T>
+struct KernelName<LayerScaleBwdKernel<T>> {
+  static const char* get() { return "layer_scale_backward"; }
+  static constexpr int vec = 1;
+};
+template <typename T>
+struct KernelName<norm_cuda::ColumnTotalsKernel<T>> {
+  static const char* get() { return "column_totals"; }
+  static constexpr int vec = 1;
 };
 template <typename T, int V>
 struct KernelName<CompactKernel<T, V>> {
@@ -73,7 +84,20 @@ void stream_copy(void* dst, const void* src, size_t bytes, bool reverse_threads)
   dispatch_copy(dst, src, static_cast<int64_t>(bytes), launcher);
 }
 
+void drop_path_backward_gamma(const DropPathParams& params, const void* residual, void* grad_gamma,
+                              bool reverse_threads) {
+  last = LastLaunch{};
+  HostLauncher launcher{reverse_threads};
+  std::vector<unsigned char> partials(layer_scale_partials_bytes(params), 0xA5);
+  dispatch_layer_scale_backward(params, residual, grad_gamma, partials.data(), launcher);
+}
+
 LastLaunch last_launch() { return last; }
+
+LayerScaleGrid layer_scale_grids(int64_t rows, int64_t channels) {
+  const LayerScaleGrids g = stochdepth::layer_scale_grids(rows, channels);
+  return LayerScaleGrid{g.blocks, g.totals};
+}
 
 }  // namespace emulator
 }  // namespace stochdepth

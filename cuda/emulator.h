@@ -16,6 +16,10 @@ namespace emulator {
 // so a read of another thread's value written in the same phase (a missing barrier) shows.
 void drop_path(const DropPathParams& params, bool reverse_threads);
 void stream_copy(void* dst, const void* src, size_t bytes, bool reverse_threads);
+// drop_path_backward_gamma_cuda's launches (layer_scale_kernel.cuh), the block sums in a
+// poisoned host buffer as in pool memory.
+void drop_path_backward_gamma(const DropPathParams& params, const void* residual, void* grad_gamma,
+                              bool reverse_threads);
 
 // How many blocks the last call ran, and the kernel's name ("dense<float,4>"...), for tests.
 struct LastLaunch {
@@ -24,6 +28,12 @@ struct LastLaunch {
   int vec = 0;
 };
 LastLaunch last_launch();
+
+// The grids of the layer scale's backward launches (layer_scale_grids, layer_scale_kernel.cuh).
+struct LayerScaleGrid {
+  uint32_t blocks = 0, totals = 0;
+};
+LayerScaleGrid layer_scale_grids(int64_t rows, int64_t channels);
 
 }  // namespace emulator
 }  // namespace stochdepth

@@ -1,6 +1,6 @@
 // The fused residual + norm on CUDA (docs/design.md, "Fused residual and norm"): the launches of
 // the kernel bodies in norm_kernel.cuh through one __global__ wrapper, and the backward pass's
-// scratch memory (stream-ordered, from the library's pool: alloc_output). The CPU emulation of
+// scratch memory (stream-ordered, from the library's pool: scratch.h). The CPU emulation of
 // the same bodies is norm_emulator.cu.
 #include <cuda_runtime.h>
 
@@ -9,6 +9,7 @@
 
 #include "cuda_check.h"
 #include "norm_kernel.cuh"
+#include "scratch.h"
 
 namespace stochdepth {
 namespace {
@@ -50,21 +51,6 @@ class CurrentDevice {
 
  private:
   int device_, previous_;
-};
-
-// Scratch memory of one call, freed (stream-ordered) when the call's launches are queued.
-struct Scratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  Device device;
-  Scratch(size_t n, Device d, void* stream) : bytes(n), device(d) {
-    if (n) ptr = alloc_output(n, d, stream);
-  }
-  ~Scratch() {
-    if (ptr) free_output(ptr, bytes, device);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
 };
 
 void run(const NormParams& p, bool backward, Device device, void* stream) {

@@ -340,8 +340,74 @@ struct NormBwdRowKernel {
   }
 };
 
-// ---- backward, the column sums: thread (block of 64 rows, column) sums its rows in order into
-// partials[block][k][column], k = weight, bias, gamma.
+// ---- the column sums' scheme, shared with the layer scale of the plain op
+// (layer_scale_kernel.cuh): thread (block of kNormRowBlock rows, column) sums its block's rows in
+// row order into +0 (partials[block][k][column]), then ColumnTotalsKernel adds the block sums in
+// block order.
+
+// The cell of a column kernel's thread: row block rb (rows [r_begin, r_end)) and column i; the
+// grid holds ceil(width / kColThreads) blocks of threads per row block (column_grid). False for a
+// thread past the last column.
+struct ColumnCell {
+  int64_t rb, i, r_begin, r_end;
+};
+STOCHDEPTH_KERNEL_FN bool column_cell(Idx id, int64_t rows, int64_t width, ColumnCell& cell) {
+  const int64_t col_tiles = (width + kColThreads - 1) / kColThreads;
+  const int64_t row_blocks = (rows + kNormRowBlock - 1) / kNormRowBlock;
+  cell.rb = static_cast<int64_t>(id.block) / col_tiles;
+  cell.i = (static_cast<int64_t>(id.block) % col_tiles) * kColThreads + id.thread;
+  if (cell.i >= width || cell.rb >= row_blocks) return false;
+  cell.r_begin = cell.rb * kNormRowBlock;
+  cell.r_end = rows < cell.r_begin + kNormRowBlock ? rows : cell.r_begin + kNormRowBlock;
+  return true;
+}
+
+// The column sums' last step: partials ([row_blocks][kinds][width], compute type) added in block
+// order into +0, one thread per (k, column), rounded once on store to outs[k] (nullptr: not
+// wanted).
+struct ColumnTotalsArgs {
+  const void* partials;
+  void* outs[3];
+  int64_t width, row_blocks;
+  int32_t kinds;
+};
+
+template <typename T>
+struct ColumnTotalsKernel {
+  using A = typename Arith<T>::C;
+  using R = Arith<T>;
+  using Args = ColumnTotalsArgs;
+  struct Shared {};
+  struct Thread {};
+  static constexpr int kPhases = 1;
+
+  STOCHDEPTH_KERNEL_FN static void phase(int, const Args& a, Idx id, Shared&, Thread&) {
+    const int64_t c = a.width;
+    const int64_t k_i = static_cast<int64_t>(id.block) * kColThreads + id.thread;
+    if (k_i >= a.kinds * c) return;
+    T* out = static_cast<T*>(a.outs[k_i / c]);
+    if (!out) return;
+    A total = 0;
+    for (int64_t rb = 0; rb < a.row_blocks; ++rb) {
+      total = R::add(total, static_cast<const A*>(a.partials)[rb * a.kinds * c + k_i]);
+    }
+    out[k_i % c] = R::store(total);
+  }
+};
+
+inline uint32_t grid_of(int64_t blocks) {
+  return launch::checked_grid(blocks, blocks * launch::kThreads, "the fused norm");
+}
+inline int64_t column_blocks(int64_t rows, int64_t width) {
+  return launch::ceil_div(rows, kNormRowBlock) * launch::ceil_div(width, kColThreads);
+}
+inline ColumnTotalsArgs column_totals_args(const void* partials, int64_t rows, int64_t width,
+                                           int32_t kinds, void* out0, void* out1, void* out2) {
+  return ColumnTotalsArgs{
+      partials, {out0, out1, out2}, width, launch::ceil_div(rows, kNormRowBlock), kinds};
+}
+
+// ---- backward, the column sums of the fused norm: k = weight, bias, gamma.
 
 template <typename T>
 struct NormColKernel {
@@ -354,15 +420,12 @@ struct NormColKernel {
   static constexpr int kPhases = 1;
 
   STOCHDEPTH_KERNEL_FN static void phase(int, const Args& a, Idx id, Shared&, Thread&) {
-    const int64_t col_tiles = (a.width + kColThreads - 1) / kColThreads;
-    const int64_t rb = static_cast<int64_t>(id.block) / col_tiles;
-    const int64_t i = (static_cast<int64_t>(id.block) % col_tiles) * kColThreads + id.thread;
-    if (i >= a.width || rb >= a.row_blocks) return;
-    const int64_t c = a.width;
+    ColumnCell cell;
+    if (!column_cell(id, a.rows, a.width, cell)) return;
+    const int64_t c = a.width, rb = cell.rb, i = cell.i;
     const A s = W::scale(a);
     A pw = 0, pb = 0, pg = 0;
-    const int64_t r_end = a.rows < (rb + 1) * kNormRowBlock ? a.rows : (rb + 1) * kNormRowBlock;
-    for (int64_t r = rb * kNormRowBlock; r < r_end; ++r) {
+    for (int64_t r = cell.r_begin; r < cell.r_end; ++r) {
       const A* st = static_cast<const A*>(a.stats) + r * 4;
       const int64_t e = r * c + i;
       const A yv = R::load(static_cast<const T*>(a.y_in)[e]);
@@ -385,39 +448,9 @@ struct NormColKernel {
   }
 };
 
-// ---- the block sums added in block order, one thread per (k, column), rounded on store.
-
-template <typename T>
-struct NormColSumKernel {
-  using A = typename Arith<T>::C;
-  using R = Arith<T>;
-  using Args = NormArgs;
-  struct Shared {};
-  struct Thread {};
-  static constexpr int kPhases = 1;
-
-  STOCHDEPTH_KERNEL_FN static void phase(int, const Args& a, Idx id, Shared&, Thread&) {
-    const int64_t c = a.width;
-    const int64_t k_i = static_cast<int64_t>(id.block) * kColThreads + id.thread;
-    if (k_i >= 3 * c) return;
-    void* outs[3] = {a.grad_weight, a.grad_bias, a.grad_gamma};
-    T* out = static_cast<T*>(outs[k_i / c]);
-    if (!out) return;
-    A total = 0;
-    for (int64_t rb = 0; rb < a.row_blocks; ++rb) {
-      total = R::add(total, static_cast<const A*>(a.partials)[rb * 3 * c + k_i]);
-    }
-    out[k_i % c] = R::store(total);
-  }
-};
-
 // ---- launches, written once for the GPU and the CPU emulation. A launcher L has
 // `template <class K> void run(uint32_t grid, const typename K::Args&)`; `scratch(bytes)` gives
 // device (or host) memory for the backward pass that lives until the launches are done.
-
-inline uint32_t grid_of(int64_t blocks) {
-  return launch::checked_grid(blocks, blocks * launch::kThreads, "the fused norm");
-}
 
 template <typename T, class L>
 void forward_typed(const NormArgs& a, L& launcher) {
@@ -428,10 +461,10 @@ template <typename T, class L>
 void backward_typed(NormArgs a, L& launcher) {
   launcher.template run<NormBwdRowKernel<T>>(grid_of(launch::ceil_div(a.rows, kRowsPerBlock)), a);
   if (!a.grad_weight && !a.grad_bias && !a.grad_gamma) return;
-  const int64_t col_tiles = launch::ceil_div(a.width, kColThreads);
-  launcher.template run<NormColKernel<T>>(grid_of(a.row_blocks * col_tiles), a);
-  launcher.template run<NormColSumKernel<T>>(grid_of(launch::ceil_div(3 * a.width, kColThreads)),
-                                             a);
+  launcher.template run<NormColKernel<T>>(grid_of(column_blocks(a.rows, a.width)), a);
+  launcher.template run<ColumnTotalsKernel<T>>(
+      grid_of(launch::ceil_div(3 * a.width, kColThreads)),
+      column_totals_args(a.partials, a.rows, a.width, 3, a.grad_weight, a.grad_bias, a.grad_gamma));
 }
 
 inline size_t compute_size(DType d) { return d == DType::kFloat64 ? 8 : 4; }

@@ -33,11 +33,14 @@ def test_every_vector_kernel_stores_whole_chunks_as_one_16_byte_store():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "DenseKernel<bfloat16, 8>" in r.stdout and "CompactKernel<float, 4>" in r.stdout
+    assert "DenseKernel<bfloat16, 8, gamma>" in r.stdout
 
 
 # Entry names as nvcc mangles run_kernel<K> in cuda/drop_path.cu.
 DENSE_F32 = ("_ZN10stochdepth45_GLOBAL__N__5990fa36_12_drop_path_cu_c92de17a10run_kernelINS_"
-             "11DenseKernelIfLi4EEEEEvNT_4ArgsE")
+             "11DenseKernelIfLi4ELb0EEEEEvNT_4ArgsE")
+DENSE_GAMMA_F16 = ("_ZN10stochdepth45_GLOBAL__N__3a6f9116_12_drop_path_cu_c92de17a10run_kernelINS_"
+                   "11DenseKernelI6__halfLi8ELb1EEEEEvNT_4ArgsE")
 COMPACT_BF16 = ("_ZN10stochdepth45_GLOBAL__N__5990fa36_12_drop_path_cu_c92de17a10run_kernelINS_"
                 "13CompactKernelI13__nv_bfloat16Li8EEEEEvNT_4ArgsE")
 
@@ -52,6 +55,8 @@ def test_the_check_refuses_a_split_vector_store():
     whole = ["st.global.wb.v4.u32"] * 4 + ["st.global.f32"] * 3  # 4 chunks, an element tail
     split = ["st.global.wb.v4.u32"] * 3 + ["st.global.u32"] * 4  # chunk 0 as 4 scalar stores
     assert [r[3] for r in tool.check(ptx(DENSE_F32, whole))] == ["ok"]
+    (row,) = tool.check(ptx(DENSE_GAMMA_F16, ["st.global.wb.v4.u32"] * 3 + ["st.global.u32"]))
+    assert row[0] == "DenseKernel<half, 8, gamma>" and "3 16-byte stores" in row[3]
     (row,) = tool.check(ptx(DENSE_F32, split))
     assert "3 16-byte stores, expected >= 4" in row[3]
     # The compact kernels have no element path: any narrower store is a split one.

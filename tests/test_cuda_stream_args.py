@@ -66,7 +66,8 @@ def test_no_stream_for_a_cuda_producer_of_no_known_framework_is_refused_before_e
     with pytest.raises(ValueError, match=r"grad_out is a CUDA array .*pass stream="):
         stochdepth.backward(fake, 0.5, seed=1)
     with pytest.raises(ValueError, match=r"residual is a CUDA array .*pass stream="):
-        stochdepth._core.forward(None, fake, 0.5, True, 1, 0, "row", 0, "inference", None, None)
+        stochdepth._core.forward(None, fake, 0.5, True, 1, 0, "row", 0, "inference", None, None,
+                                 None)
     assert fake.streams == []  # nothing was queued or asked of the producer
 
 

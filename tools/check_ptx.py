@@ -2,8 +2,8 @@
 """Checks the global stores nvcc emits for the vector kernels (docs/design.md, "CUDA").
 
 Compiles cuda/drop_path.cu to PTX with the build's CUDA options for each architecture asked
-(default sm_90), then, for each vector kernel (DenseKernel<T, V> and CompactKernel<T, V> with
-V > 1, CopyKernel<true>), counts its global stores by width:
+(default sm_90), then, for each vector kernel (DenseKernel<T, V, kG> with and without the layer
+scale and CompactKernel<T, V> with V > 1, CopyKernel<true>), counts its global stores by width:
 
 - every whole chunk is one 16-byte store: at least `sites x kChunksPerThread` of them, where
   `sites` is the number of vector store statements the kernel has in cuda/*.cuh;
@@ -37,7 +37,7 @@ NVCC_FLAGS = ["-std=c++17", "-fmad=false", "--expt-relaxed-constexpr",
               f"-I{ROOT / 'src'}", f"-I{ROOT / 'cuda'}"]
 CHUNKS_PER_THREAD = 4  # launch::kChunksPerThread (cuda/launch_config.h)
 # Vector store statements in each kernel's source (store_vec calls), per family.
-SITES = {"DenseKernel": 1, "CompactKernel": 3, "CopyKernel": 1}
+SITES = {"DenseKernel": 1, "DenseKernel+gamma": 1, "CompactKernel": 3, "CopyKernel": 1}
 ELEMENT_TYPES = {"6__half": ("half", 2), "13__nv_bfloat16": ("bfloat16", 2), "f": ("float", 4),
                  "d": ("double", 8)}
 TYPE_BYTES = {"8": 1, "16": 2, "32": 4, "64": 8}
@@ -56,6 +56,11 @@ def kernel_of(mangled: str):
     family, args = rest[:n], rest[n + 1:]
     if family == "CopyKernel":  # CopyKernel<kVector>: ILb1 / ILb0
         return (family, "byte", 1, 16) if args.startswith("Lb1") else (family, "byte", 1, 1)
+    if family == "DenseKernel":  # DenseKernel<T, V, kG>: the layer scale's flag last
+        args, _, flag = args.rpartition("ELb")
+        if flag not in ("0", "1"):
+            raise SystemExit(f"check_ptx: cannot read the template arguments of {mangled}")
+        family += "+gamma" if flag == "1" else ""
     t, _, v = args.rpartition("Li")
     if t not in ELEMENT_TYPES or not v.isdigit():
         raise SystemExit(f"check_ptx: cannot read the template arguments of {mangled}")
@@ -96,7 +101,8 @@ def check(ptx: str) -> list:
         bad = [w for w in other if w not in allowed]
         if bad:
             problems.append(f"stores of {bad} bytes (a split vector store)")
-        label = f"{family}<{type_name}, {v}>"
+        base, _, gamma = family.partition("+")
+        label = f"{base}<{type_name}, {v}{', ' + gamma if gamma else ''}>"
         rows.append((label, vec, other, "; ".join(problems) or "ok"))
     return rows
 

@@ -81,8 +81,9 @@ def _current_stream(*arrays):
 
 
 def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offset=0, mode="row",
-            axis=0, scaling="inference", out=None, stream=None):
-    """Stochastic depth forward: ``shortcut + keep * s * residual``.
+            axis=0, scaling="inference", out=None, stream=None, gamma=None):
+    """Stochastic depth forward: ``shortcut + keep * s * residual``, or with the layer scale
+    ``shortcut + keep * s * (gamma * residual)``.
 
     Args:
         shortcut: the identity path, or None for the single-input form (``keep * s * residual``).
@@ -105,6 +106,9 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offs
         stream: the CUDA stream (an integer cudaStream_t; 0 is the legacy default stream) for
             CUDA inputs. Left out, a torch tensor's or CuPy array's current stream is used;
             other CUDA inputs (JAX, a `stochdepth.Array`) must name one (a ValueError says so).
+        gamma: the layer scale (LayerScale, CaiT): a vector of shape (C,), C the last axis, the
+            inputs' dtype, multiplied into the residual before s (docs/design.md, "Layer
+            scale"); the sample axis must not be the last. None: the op without it.
 
     A dropped sample gives the shortcut bit for bit and its residual is never read, so NaN or
     Inf there does not reach the output. Returns a NumPy array for NumPy inputs, a
@@ -114,22 +118,28 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=None, offs
     if stream is None:
         stream = _current_stream(residual, shortcut, out, seed)
     return _core.forward(shortcut, residual, survival_prob, training, seed, offset, mode, axis,
-                         scaling, out, stream)
+                         scaling, out, stream, gamma)
 
 
 def backward(grad_out, survival_prob, *, training=True, seed=None, offset=0, mode="row", axis=0,
-             scaling="inference", out=None, stream=None):
-    """Gradients of `forward` for the same arguments: ``(grad_shortcut, grad_residual)``.
+             scaling="inference", out=None, stream=None, gamma=None, residual=None):
+    """Gradients of `forward` for the same arguments: ``(grad_shortcut, grad_residual)``, and
+    with `gamma` ``(grad_shortcut, grad_residual, grad_gamma)``.
 
     grad_shortcut is `grad_out` itself (the same object, no copy). grad_residual is
     ``s * grad_out`` for kept samples and exact zeros for dropped ones (grad_out is not read
     there); at inference it is ``c * grad_out``. The mask is recomputed from (seed, offset).
     `stream` as for `forward`.
+
+    With `gamma` (as given to `forward`), grad_residual is ``gamma * (s * grad_out)`` and
+    grad_gamma, of shape (C,), sums ``(s * grad_out) * residual`` over the kept samples in a
+    pinned order (docs/design.md, "Layer scale"): `residual`, the forward's, is needed then and
+    read on kept samples only. Without gamma `residual` is not used.
     """
     if stream is None:
         stream = _current_stream(grad_out, out, seed)
     return _core.backward(grad_out, survival_prob, training, seed, offset, mode, axis, scaling,
-                          out, stream)
+                          out, stream, gamma, residual)
 
 
 def mask(batch, survival_prob, *, seed, offset=0, mode="row"):

@@ -104,6 +104,7 @@ def forward(
     scaling: str,
     out: Optional[_ArrayIn],
     stream: Optional[int],
+    gamma: Optional[_ArrayIn],
 ) -> Any: ...
 def backward(
     grad_out: _ArrayIn,
@@ -116,7 +117,9 @@ def backward(
     scaling: str,
     out: Optional[_ArrayIn],
     stream: Optional[int],
-) -> Tuple[Any, Any]: ...
+    gamma: Optional[_ArrayIn],
+    residual: Optional[_ArrayIn],
+) -> Tuple[Any, ...]: ...
 def mask(
     batch: int, survival_prob: float, seed: int, offset: int, mode: str
 ) -> npt.NDArray[np.bool_]: ...
@@ -178,6 +181,29 @@ def run_raw(
     stream: int,
     compact_input: bool = False,
     compact_output: bool = False,
+    rng_words_ptr: int = 0,
+    gamma_ptr: int = 0,
+    channels: int = 1,
+) -> None: ...
+def backward_gamma_raw(
+    input_ptr: int,
+    out_ptr: int,
+    residual_ptr: int,
+    gamma_ptr: int,
+    grad_gamma_ptr: int,
+    outer: int,
+    batch: int,
+    inner: int,
+    channels: int,
+    dtype: DType,
+    survival_prob: float,
+    training: bool,
+    batch_mode: bool,
+    scaling: Scaling,
+    seed: int,
+    offset: int,
+    device: int,
+    stream: int,
     rng_words_ptr: int = 0,
 ) -> None: ...
 def write_device_words(dst_ptr: int, seed: int, offset: int, device: int) -> None: ...

@@ -136,23 +136,39 @@ def _as_obi(a, axis):
     return a.reshape(outer, a.shape[axis], inner)
 
 
+def _check_gamma(gamma, like, axis, ct):
+    """gamma (the layer scale) as a compute-type vector over the last axis of `like`, which must
+    not be the sample axis (docs/design.md, "Layer scale")."""
+    gamma = np.asarray(gamma)
+    if like.ndim < 2 or axis % like.ndim == like.ndim - 1:
+        raise ValueError("gamma scales the channels (the last axis), which must not be the sample "
+                         f"axis; got axis={axis} for rank {like.ndim}")
+    if gamma.shape != like.shape[-1:]:
+        raise ValueError(f"gamma must have shape ({like.shape[-1]},), got {gamma.shape}")
+    return gamma.astype(ct)
+
+
 def forward(shortcut, residual, survival_prob, *, training=True, seed=0, offset=0, mode="row",
-            axis=0, scaling="inference"):
+            axis=0, scaling="inference", gamma=None):
     """out = shortcut + keep * s * residual (training) or shortcut + c * residual (inference).
 
     `shortcut=None` is the single-input form (out = keep * s * residual). A dropped sample gives
     the shortcut bit for bit (or zeros), and its residual is never read: NaN/Inf there do not
-    reach the output.
+    reach the output. `gamma` (shape (C,), C the last axis) is the layer scale:
+    out = shortcut + keep * s * (gamma * residual), the residual scaled first, then s
+    (docs/design.md, "Layer scale"); None is the op without it.
     """
     residual = np.asarray(residual)
     dtype = residual.dtype
     ct = _compute_type(dtype)
     s = scale_factor(survival_prob, training=training, scaling=scaling, dtype=dtype)
-    res = _as_obi(residual, axis)
     # IEEE overflow to Inf and NaN inputs are part of the contract, not warnings (the rows of
     # dropped samples are computed here and then discarded).
     with np.errstate(over="ignore", invalid="ignore"):
-        scaled = s * res.astype(ct)  # one rounding: the multiply
+        t = residual.astype(ct)
+        if gamma is not None:
+            t = _check_gamma(gamma, residual, axis, ct) * t  # t = gamma * residual, rounded
+        scaled = s * _as_obi(t, axis)  # one rounding: the multiply
         if shortcut is not None:
             sc = _as_obi(np.asarray(shortcut), axis)
             out = (sc.astype(ct) + scaled).astype(dtype)  # the add, then one rounding on store
@@ -160,7 +176,7 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=0, offset=
             sc = None
             out = scaled.astype(dtype)
     if training:
-        keep = mask(res.shape[1], survival_prob, seed=seed, offset=offset, mode=mode)
+        keep = mask(out.shape[1], survival_prob, seed=seed, offset=offset, mode=mode)
         dropped = ~keep
         if sc is not None:
             out[:, dropped, :] = sc[:, dropped, :]
@@ -170,12 +186,51 @@ def forward(shortcut, residual, survival_prob, *, training=True, seed=0, offset=
 
 
 def backward(grad_out, survival_prob, *, training=True, seed=0, offset=0, mode="row", axis=0,
-             scaling="inference"):
-    """(grad_shortcut, grad_residual): grad_out, and s * grad_out for kept samples, 0 otherwise."""
+             scaling="inference", gamma=None, residual=None):
+    """(grad_shortcut, grad_residual): grad_out, and s * grad_out for kept samples, 0 otherwise.
+
+    With `gamma`: (grad_shortcut, grad_residual, grad_gamma), where grad_residual is
+    gamma * (s * grad_out) for kept samples (0 otherwise) and grad_gamma[i] sums
+    (s * grad_out) * residual over the kept samples' rows (every index but the last axis) in
+    the pinned order of docs/design.md, "Layer scale": blocks of 64 rows. `residual` (the
+    forward's) is needed then, and read on kept rows only; without gamma it is not used.
+    """
     grad_out = np.asarray(grad_out)
-    grad_residual = forward(None, grad_out, survival_prob, training=training, seed=seed,
-                            offset=offset, mode=mode, axis=axis, scaling=scaling)
-    return grad_out, grad_residual
+    if gamma is None:
+        grad_residual = forward(None, grad_out, survival_prob, training=training, seed=seed,
+                                offset=offset, mode=mode, axis=axis, scaling=scaling)
+        return grad_out, grad_residual
+    if residual is None:
+        raise ValueError("residual is needed with gamma: grad_gamma sums grad_out * residual")
+    residual = np.asarray(residual)
+    if residual.shape != grad_out.shape:
+        raise ValueError(f"residual must have shape {grad_out.shape} like grad_out, got "
+                         f"{residual.shape}")
+    dtype = grad_out.dtype
+    ct = _compute_type(dtype)
+    g = _check_gamma(gamma, grad_out, axis, ct)
+    s = scale_factor(survival_prob, training=training, scaling=scaling, dtype=dtype)
+    batch = grad_out.shape[axis % grad_out.ndim]
+    if training:
+        keep = mask(batch, survival_prob, seed=seed, offset=offset, mode=mode)
+    else:
+        keep = np.ones(batch, bool)
+    # Each element's keep flag; a row (every axis but the last) lies within one sample.
+    kept = np.broadcast_to(keep[None, :, None], _as_obi(grad_out, axis).shape).reshape(
+        grad_out.shape)
+    c = grad_out.shape[-1]
+    rows = grad_out.size // c if c else 0
+    kept_rows = kept.reshape(rows, c)[:, 0] if c else np.zeros(0, bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = s * grad_out.astype(ct)
+        grad_residual = g * v
+        grad_residual[~kept] = 0
+        v = v.reshape(rows, c)
+        terms = np.zeros_like(v)
+        # dropped rows' residual is not read
+        terms[kept_rows] = v[kept_rows] * residual.reshape(rows, c)[kept_rows].astype(ct)
+        grad_gamma = _column_sums(terms, kept_rows).astype(dtype)
+    return grad_out, grad_residual.astype(dtype), grad_gamma
 
 
 def forward_kept(shortcut, kept_residual, survival_prob, *, seed=0, offset=0, mode="row", axis=0,

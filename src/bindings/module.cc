@@ -160,6 +160,36 @@ void check_words(const Common& c, const ArrayView& data, const char* data_name) 
   check_device(*c.words, data, "seed", data_name);
 }
 
+// The layer scale (docs/design.md, "Layer scale") against the array it scales, `ref` (named
+// `ref_name`, sample axis `axis`): the dtype of ref, shape (C,) with C ref's last axis, which must
+// not be the sample axis. Types and shapes here; layout and device with the other arrays.
+void check_gamma(const ArrayView& g, const ArrayView& ref, const char* ref_name, int64_t axis) {
+  if (g.dtype != ref.dtype) {
+    type_error(std::string("gamma must have dtype ") + dtype_name(ref.dtype) + " like " + ref_name +
+               ", got " + dtype_name(g.dtype));
+  }
+  const int64_t rank = static_cast<int64_t>(ref.shape.size());
+  if (axis == rank - 1) {
+    value_error(std::string("gamma scales the channels (the last axis of ") + ref_name +
+                "), which must not be the sample axis; got axis " + std::to_string(axis) + " for " +
+                ref_name + " of shape " + shape_str(ref.shape));
+  }
+  const int64_t c = ref.shape.back();
+  if (g.shape != std::vector<int64_t>{c}) {
+    value_error("gamma must have shape (" + std::to_string(c) + ",) (the last axis of " + ref_name +
+                "), got " + shape_str(g.shape));
+  }
+  if (c > INT32_MAX) {
+    value_error("gamma must have fewer than 2**31 elements, got " + std::to_string(c));
+  }
+}
+
+// gamma's layout and device (after the data's), and that the output does not overlap it.
+void check_gamma_layout_device(const ArrayView& g, const ArrayView& ref, const char* ref_name) {
+  check_layout(g, "gamma");
+  check_device(g, ref, "gamma", ref_name);
+}
+
 DropPathParams make_params(const Common& c, const ArrayView& input, int64_t axis) {
   DropPathParams p;
   p.dtype = input.dtype;
@@ -197,11 +227,13 @@ py::object output(py::object out, const ArrayView& input, const char* input_name
 
 py::object forward(py::object shortcut, py::object residual, py::object survival_prob,
                    py::object training, py::object seed, py::object offset, py::object mode,
-                   py::object axis_obj, py::object scaling, py::object out, py::object stream) {
+                   py::object axis_obj, py::object scaling, py::object out, py::object stream,
+                   py::object gamma) {
   const Common c = common_args(survival_prob, training, seed, offset, mode, scaling, stream);
   ArrayView res = view_of(residual, "residual", c.stream);
-  std::optional<ArrayView> sc;
+  std::optional<ArrayView> sc, gm;
   if (!shortcut.is_none()) sc = view_of(shortcut, "shortcut", c.stream);
+  if (!gamma.is_none()) gm = view_of(gamma, "gamma", c.stream);
   // Types
   if (sc && sc->dtype != res.dtype) {
     type_error(std::string("shortcut and residual must have the same dtype, got ") +
@@ -215,6 +247,7 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
                 shape_str(res.shape));
   }
   const int64_t axis = axis_arg(axis_obj, res.shape.size());
+  if (gm) check_gamma(*gm, res, "residual", axis);
   // Layout
   if (sc) check_layout(*sc, "shortcut");
   check_layout(res, "residual");
@@ -222,6 +255,7 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
   if (sc) check_device(res, *sc, "residual", "shortcut");
   check_cuda_available(res, "residual");
   check_words(c, res, "residual");
+  if (gm) check_gamma_layout_device(*gm, res, "residual");
 
   ArrayView o;
   const py::object result = output(out, res, "residual", c.stream, o);
@@ -229,33 +263,79 @@ py::object forward(py::object shortcut, py::object residual, py::object survival
     value_error(
         "out must either be shortcut itself (in place) or not overlap it; it partially overlaps");
   }
+  if (gm && overlaps(o, *gm)) value_error("out must not overlap gamma");
 
   DropPathParams p = make_params(c, res, axis);
   p.shortcut = sc ? sc->data : nullptr;
   p.input = res.data;
   p.out = o.data;
+  if (gm) {
+    p.gamma = gm->data;
+    p.channels = static_cast<int32_t>(res.shape.back());
+  }
   run(p, res.device, c.stream);
   return result;
 }
 
 py::tuple backward(py::object grad_out, py::object survival_prob, py::object training,
                    py::object seed, py::object offset, py::object mode, py::object axis_obj,
-                   py::object scaling, py::object out, py::object stream) {
+                   py::object scaling, py::object out, py::object stream, py::object gamma,
+                   py::object residual) {
   const Common c = common_args(survival_prob, training, seed, offset, mode, scaling, stream);
   ArrayView g = view_of(grad_out, "grad_out", c.stream);
+  // residual is read only with gamma (grad_gamma); without it, it is not even looked at.
+  std::optional<ArrayView> gm, res;
+  if (!gamma.is_none()) {
+    gm = view_of(gamma, "gamma", c.stream);
+    if (residual.is_none()) {
+      value_error(
+          "residual is needed with gamma: grad_gamma sums grad_out * residual over the kept "
+          "samples (pass the forward's residual)");
+    }
+    res = view_of(residual, "residual", c.stream);
+    if (res->dtype != g.dtype) {
+      type_error(std::string("residual must have dtype ") + dtype_name(g.dtype) +
+                 " like grad_out, got " + dtype_name(res->dtype));
+    }
+  }
   if (g.shape.empty()) value_error("grad_out must have rank >= 1 (a sample axis), got a 0-d array");
   const int64_t axis = axis_arg(axis_obj, g.shape.size());
+  if (gm) {
+    check_gamma(*gm, g, "grad_out", axis);
+    if (res->shape != g.shape) {
+      value_error("residual must have shape " + shape_str(g.shape) + " like grad_out, got " +
+                  shape_str(res->shape));
+    }
+  }
   check_layout(g, "grad_out");
   check_cuda_available(g, "grad_out");
   check_words(c, g, "grad_out");
+  if (gm) {
+    check_layout(*res, "residual");
+    check_device(*res, g, "residual", "grad_out");
+    check_gamma_layout_device(*gm, g, "grad_out");
+  }
 
   ArrayView o;
   const py::object result = output(out, g, "grad_out", c.stream, o);
   DropPathParams p = make_params(c, g, axis);
   p.input = g.data;
   p.out = o.data;
-  run(p, g.device, c.stream);
-  return py::make_tuple(grad_out, result);
+  if (!gm) {
+    run(p, g.device, c.stream);
+    return py::make_tuple(grad_out, result);
+  }
+  if (overlaps(o, *gm)) value_error("out must not overlap gamma");
+  if (overlaps(o, *res)) value_error("out must not overlap residual");
+  p.gamma = gm->data;
+  p.channels = static_cast<int32_t>(g.shape.back());
+  py::object grad_gamma = new_output(*gm, c.stream);
+  const ArrayView gg = view_of(grad_gamma, "grad_gamma", c.stream);
+  if (p.channels > 0) {  // no channels: no element, and grad_gamma is empty
+    without_gil(
+        [&] { drop_path_backward_gamma(p, res->data, gg.data, g.device, stream_ptr(c.stream)); });
+  }
+  return py::make_tuple(grad_out, result, grad_gamma);
 }
 
 py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, py::object offset,
@@ -282,11 +362,30 @@ py::array mask(py::object batch_obj, py::object survival_prob, py::object seed, 
 void run_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer, int64_t batch,
              int64_t inner, DType dtype, double survival_prob, bool training, bool batch_mode,
              Scaling scaling, uint64_t seed, uint64_t offset, int device, int64_t stream,
-             bool compact_input, bool compact_output, uintptr_t rng_words) {
-  const DropPathParams p =
-      params_from_raw(shortcut, input, out, outer, batch, inner, dtype, survival_prob, training,
-                      batch_mode, scaling, seed, offset, compact_input, compact_output, rng_words);
+             bool compact_input, bool compact_output, uintptr_t rng_words, uintptr_t gamma,
+             int64_t channels) {
+  const DropPathParams p = params_from_raw(
+      shortcut, input, out, outer, batch, inner, dtype, survival_prob, training, batch_mode,
+      scaling, seed, offset, compact_input, compact_output, rng_words, gamma, channels);
   run(p, raw_device(device), stream);
+}
+
+// The backward pass with gamma for the adapters (drop_path_backward_gamma): grad_out at input,
+// grad_residual at out, the forward's residual, grad_gamma (channels elements).
+void backward_gamma_raw(uintptr_t input, uintptr_t out, uintptr_t residual, uintptr_t gamma,
+                        uintptr_t grad_gamma, int64_t outer, int64_t batch, int64_t inner,
+                        int64_t channels, DType dtype, double survival_prob, bool training,
+                        bool batch_mode, Scaling scaling, uint64_t seed, uint64_t offset,
+                        int device, int64_t stream, uintptr_t rng_words) {
+  if (gamma == 0 || grad_gamma == 0) throw std::invalid_argument("gamma_ptr and grad_gamma_ptr");
+  const DropPathParams p =
+      params_from_raw(0, input, out, outer, batch, inner, dtype, survival_prob, training,
+                      batch_mode, scaling, seed, offset, false, false, rng_words, gamma, channels);
+  without_gil([&] {
+    drop_path_backward_gamma(p, reinterpret_cast<const void*>(residual),
+                             reinterpret_cast<void*>(grad_gamma), raw_device(device),
+                             stream_ptr(stream));
+  });
 }
 
 void stream_copy_arrays(py::object dst, py::object src) {
@@ -338,10 +437,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("forward", &forward, py::arg("shortcut"), py::arg("residual"), py::arg("survival_prob"),
         py::arg("training"), py::arg("seed"), py::arg("offset"), py::arg("mode"), py::arg("axis"),
-        py::arg("scaling"), py::arg("out"), py::arg("stream"));
+        py::arg("scaling"), py::arg("out"), py::arg("stream"), py::arg("gamma"));
   m.def("backward", &backward, py::arg("grad_out"), py::arg("survival_prob"), py::arg("training"),
         py::arg("seed"), py::arg("offset"), py::arg("mode"), py::arg("axis"), py::arg("scaling"),
-        py::arg("out"), py::arg("stream"));
+        py::arg("out"), py::arg("stream"), py::arg("gamma"), py::arg("residual"));
   m.def("mask", &mask, py::arg("batch"), py::arg("survival_prob"), py::arg("seed"),
         py::arg("offset"), py::arg("mode"));
   m.def("run_raw", &run_raw, py::arg("shortcut_ptr"), py::arg("input_ptr"), py::arg("out_ptr"),
@@ -349,6 +448,12 @@ PYBIND11_MODULE(_core, m) {
         py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
         py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("compact_input") = false, py::arg("compact_output") = false,
+        py::arg("rng_words_ptr") = 0, py::arg("gamma_ptr") = 0, py::arg("channels") = 1);
+  m.def("backward_gamma_raw", &backward_gamma_raw, py::arg("input_ptr"), py::arg("out_ptr"),
+        py::arg("residual_ptr"), py::arg("gamma_ptr"), py::arg("grad_gamma_ptr"), py::arg("outer"),
+        py::arg("batch"), py::arg("inner"), py::arg("channels"), py::arg("dtype"),
+        py::arg("survival_prob"), py::arg("training"), py::arg("batch_mode"), py::arg("scaling"),
+        py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("stream"),
         py::arg("rng_words_ptr") = 0);
   m.def(
       "write_device_words",

@@ -9,7 +9,8 @@
 namespace stochdepth {
 
 // Bumped whenever CoreEntry or DropPathParams changes layout; the receiver checks both.
-constexpr uint32_t kCoreEntryAbi = 3;  // 2: DropPathParams::rng_words; 3: fields reordered
+// 2: DropPathParams::rng_words; 3: fields reordered; 4: gamma and channels
+constexpr uint32_t kCoreEntryAbi = 4;
 constexpr const char* kCoreEntryCapsuleName = "stochdepth._core.entry";
 
 struct CoreEntry {

@@ -218,7 +218,9 @@ void philox_avx2(const uint32_t counter[4], const uint32_t key[2], uint32_t out[
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kAvx2, &run_range, &copy_range, &compute_mask, &philox_avx2};
+  static const CpuKernels k{Isa::kAvx2,          &run_range,         &copy_range,
+                            &compute_mask,       &philox_avx2,       &gamma_backward_blocks,
+                            &gamma_add_partials, &gamma_store_totals};
   return k;
 }
 

@@ -13,8 +13,9 @@ namespace avx512_bf16 {
 #include "cpu_avx512.inc"
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kAvx512Bf16, &run_range, &copy_range, &compute_mask,
-                            &philox_avx512};
+  static const CpuKernels k{Isa::kAvx512Bf16,    &run_range,         &copy_range,
+                            &compute_mask,       &philox_avx512,     &gamma_backward_blocks,
+                            &gamma_add_partials, &gamma_store_totals};
   return k;
 }
 

@@ -19,6 +19,10 @@ struct MaskView {
   int64_t n_kept = 0;
 };
 
+// grad_gamma's row blocks: the column-sum order of the fused norm's parameter gradients
+// (docs/design.md, "Fused residual and norm"), so that both give the same bits.
+constexpr int64_t kGammaRowBlock = 64;
+
 struct CpuKernels {
   Isa isa;
   // Elements [begin, end) of the flattened [outer, batch, inner] op (the full, non-compact
@@ -33,6 +37,17 @@ struct CpuKernels {
                        uint64_t threshold, bool batch_mode);
   // One Philox4x32-10 block, for the known-answer tests of each ISA.
   void (*philox)(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]);
+  // The backward pass with the layer scale (docs/design.md, "Layer scale"): row blocks [begin,
+  // end) of kGammaRowBlock rows of params.channels, grad_residual into params.out and each
+  // block's column sums of (s * grad_out) * residual over its kept rows into `partials`
+  // (compute type, [block - first][channels]).
+  void (*gamma_backward_blocks)(DropPathParams params, const MaskView& mask, const void* residual,
+                                int64_t begin, int64_t end, int64_t first, void* partials);
+  // totals[i] += partials[blk][i] for blk in [0, blocks), in block order (compute type).
+  void (*gamma_add_partials)(DropPathParams params, const void* partials, int64_t blocks,
+                             void* totals);
+  // The totals rounded once to the storage dtype into grad_gamma.
+  void (*gamma_store_totals)(DropPathParams params, const void* totals, void* grad_gamma);
 };
 
 namespace scalar {

@@ -205,7 +205,9 @@ void philox_neon(const uint32_t counter[4], const uint32_t key[2], uint32_t out[
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kNeon, &run_range, &copy_range, &compute_mask, &philox_neon};
+  static const CpuKernels k{Isa::kNeon,          &run_range,         &copy_range,
+                            &compute_mask,       &philox_neon,       &gamma_backward_blocks,
+                            &gamma_add_partials, &gamma_store_totals};
   return k;
 }
 

@@ -8,6 +8,8 @@
 namespace stochdepth {
 
 void drop_path_cpu(const DropPathParams& params);
+void drop_path_backward_gamma_cpu(const DropPathParams& params, const void* residual,
+                                  void* grad_gamma);
 void stream_copy_cpu(void* dst, const void* src, size_t bytes);
 
 }  // namespace stochdepth

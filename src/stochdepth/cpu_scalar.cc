@@ -82,7 +82,9 @@ void philox_scalar(const uint32_t counter[4], const uint32_t key[2], uint32_t ou
 }  // namespace
 
 const CpuKernels& kernels() {
-  static const CpuKernels k{Isa::kScalar, &run_range, &copy_range, &compute_mask, &philox_scalar};
+  static const CpuKernels k{Isa::kScalar,        &run_range,         &copy_range,
+                            &compute_mask,       &philox_scalar,     &gamma_backward_blocks,
+                            &gamma_add_partials, &gamma_store_totals};
   return k;
 }
 

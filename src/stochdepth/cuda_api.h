@@ -14,6 +14,9 @@ namespace stochdepth {
 // device pointers on `device`. Asynchronous: no host synchronisation. Throws std::runtime_error
 // naming the CUDA error on a failed launch.
 void drop_path_cuda(const DropPathParams& params, int device, void* stream);
+// drop_path_backward_gamma (drop_path.h) on `stream`, asynchronous like drop_path_cuda.
+void drop_path_backward_gamma_cuda(const DropPathParams& params, const void* residual,
+                                   void* grad_gamma, int device, void* stream);
 // Device-to-device copy with the library's own vectorised kernel (the benchmark's ceiling).
 void stream_copy_cuda(void* dst, const void* src, size_t bytes, int device, void* stream);
 

@@ -18,6 +18,9 @@ std::string cuda_architectures() { return ""; }
 int cuda_device_count() { return 0; }
 int cuda_swap_device(int) { return -1; }
 void drop_path_cuda(const DropPathParams&, int, void*) { no_cuda(); }
+void drop_path_backward_gamma_cuda(const DropPathParams&, const void*, void*, int, void*) {
+  no_cuda();
+}
 void stream_copy_cuda(void*, const void*, size_t, int, void*) { no_cuda(); }
 void* cuda_alloc(size_t, int, void*) { no_cuda(); }
 void cuda_free(void*, int) {}

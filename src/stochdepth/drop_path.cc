@@ -19,6 +19,15 @@ void drop_path(const DropPathParams& params, Device device, void* stream) {
   }
 }
 
+void drop_path_backward_gamma(const DropPathParams& params, const void* residual, void* grad_gamma,
+                              Device device, void* stream) {
+  if (device.kind == DeviceKind::kCPU) {
+    drop_path_backward_gamma_cpu(params, residual, grad_gamma);
+  } else {
+    drop_path_backward_gamma_cuda(params, residual, grad_gamma, device.id, stream);
+  }
+}
+
 void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream) {
   if (device.kind == DeviceKind::kCPU) {
     stream_copy_cpu(dst, src, bytes);

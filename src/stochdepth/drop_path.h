@@ -30,6 +30,16 @@ struct Device {
 // the CUDA error on a failed launch.
 void drop_path(const DropPathParams& params, Device device, void* stream);
 
+// The backward pass with the layer scale (docs/design.md, "Layer scale"): params as for the
+// single-input form on grad_out (shortcut nullptr, input grad_out, out grad_residual) with
+// params.gamma set. grad_residual = gamma * (s * grad_out) on kept samples, +0 on dropped ones;
+// grad_gamma (params.channels elements, the inputs' dtype) = the column sums over the kept rows
+// of (s * grad_out) * residual, in the fused norm's order, whatever the thread count or ISA.
+// `residual` (the forward's) is read on kept rows only. grad_gamma is written even when there
+// are no rows (+0). No compact rows.
+void drop_path_backward_gamma(const DropPathParams& params, const void* residual, void* grad_gamma,
+                              Device device, void* stream);
+
 // A plain streaming copy of `bytes` with the same threading and stores as the op (CPU) or the
 // library's own vectorised kernel (CUDA): the bandwidth ceiling that the benchmark reports.
 void stream_copy(void* dst, const void* src, size_t bytes, Device device, void* stream);

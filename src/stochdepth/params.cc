@@ -31,7 +31,7 @@ DropPathParams params_from_raw(uintptr_t shortcut, uintptr_t input, uintptr_t ou
                                int64_t batch, int64_t inner, DType dtype, double survival_prob,
                                bool training, bool batch_mode, Scaling scaling, uint64_t seed,
                                uint64_t offset, bool compact_input, bool compact_output,
-                               uintptr_t rng_words) {
+                               uintptr_t rng_words, uintptr_t gamma, int64_t channels) {
   if (!(survival_prob >= 0.0 && survival_prob <= 1.0)) {
     throw std::invalid_argument("survival_prob must be in [0, 1], got " +
                                 std::to_string(survival_prob));
@@ -42,7 +42,13 @@ DropPathParams params_from_raw(uintptr_t shortcut, uintptr_t input, uintptr_t ou
   if (rng_words % alignof(uint64_t) != 0) {
     throw std::invalid_argument("rng_words_ptr must be aligned to 8 bytes");
   }
+  if (gamma != 0 && !(channels >= 1 && channels <= INT32_MAX && inner % channels == 0)) {
+    throw std::invalid_argument("channels must be in [1, 2**31) and divide inner, got " +
+                                std::to_string(channels));
+  }
   DropPathParams p;
+  p.gamma = reinterpret_cast<const void*>(gamma);
+  p.channels = gamma != 0 ? static_cast<int32_t>(channels) : 1;
   p.shortcut = reinterpret_cast<const void*>(shortcut);
   p.input = reinterpret_cast<const void*>(input);
   p.out = reinterpret_cast<void*>(out);

@@ -42,6 +42,9 @@ inline size_t dtype_size(DType d) {
 //   training && !keep:  out = shortcut, input not read          (or 0, input not read)
 //   !training:          out = shortcut + (scale * input)      (or scale * input)
 // The multiply and the add are rounded separately, never fused (docs/design.md, "Arithmetic").
+// With `gamma` (the layer scale, docs/design.md, "Layer scale") the forward pass scales the input
+// by gamma[e % channels] first: out = shortcut + (scale * (gamma * input)); the backward pass with
+// gamma is its own entry (drop_path_backward_gamma, drop_path.h), which reads this block too.
 // The fields are ordered by size, without padding: the CUDA kernels take the block by value, and
 // a kernel argument over 128 bytes made nvcc 13 keep a pointer to it in a register and spill
 // (cuda/kernel_common.cuh, KernelParams). The layout is part of the core's entry table
@@ -50,6 +53,10 @@ struct DropPathParams {
   const void* shortcut = nullptr;  // [outer, batch, inner] or nullptr
   const void* input = nullptr;     // [outer, batch, inner]
   void* out = nullptr;             // [outer, batch, inner]; may equal shortcut (in place)
+  // The layer scale over the last axis of the caller's tensor, `channels` elements, or nullptr.
+  // The bindings ensure that the sample axis is not that axis, so inner % channels == 0: a row of
+  // `channels` elements lies within one sample.
+  const void* gamma = nullptr;
   int64_t outer = 1, batch = 0, inner = 1;
   uint64_t seed = 0, offset = 0;
   // When set: (seed, offset) are read from these two words, [seed, offset], in memory on the
@@ -61,6 +68,9 @@ struct DropPathParams {
   uint64_t threshold = 0;  // keep iff draw < threshold; set by set_scalars
   double scale_f64 = 1.0;  // the scale in double (f64 compute)
   float scale_f32 = 1.0f;  // the scale rounded once to float (f16, bf16, f32 compute)
+  // gamma's length (the last axis), >= 1; 32 bits so that the CUDA kernels' argument block stays
+  // within 128 bytes (cuda/kernel_common.cuh); the bindings refuse a longer gamma.
+  int32_t channels = 1;
   DType dtype = DType::kFloat32;
   bool training = true;
   bool batch_mode = false;  // one draw (sample index 0) for the whole batch
@@ -98,12 +108,13 @@ STOCHDEPTH_HOST_DEVICE STOCHDEPTH_FORCEINLINE C scale_in(const DropPathParams& p
 // The parameters of a raw call: addresses and values that the adapters checked themselves
 // (_core.run_raw) or that a test passes (the CUDA emulator's run). Checks what the kernels cannot
 // survive and no caller can have checked for them: survival_prob in [0, 1], outer, batch and
-// inner >= 0, rng_words (0: none) aligned to 8 bytes; std::invalid_argument otherwise. Then
+// inner >= 0, rng_words (0: none) aligned to 8 bytes, channels in [1, 2**31) dividing inner
+// (with gamma); std::invalid_argument otherwise. Then
 // set_scalars.
 DropPathParams params_from_raw(uintptr_t shortcut, uintptr_t input, uintptr_t out, int64_t outer,
                                int64_t batch, int64_t inner, DType dtype, double survival_prob,
                                bool training, bool batch_mode, Scaling scaling, uint64_t seed,
                                uint64_t offset, bool compact_input, bool compact_output,
-                               uintptr_t rng_words);
+                               uintptr_t rng_words, uintptr_t gamma = 0, int64_t channels = 1);
 
 }  // namespace stochdepth

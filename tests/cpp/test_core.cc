@@ -2,6 +2,7 @@
 // Philox4x32-10 known answers, the mask stream against mask.h, and the kernels bit for bit
 // against a per-element computation written here with half.h. Built natively and, by
 // tools/cross-aarch64, for aarch64 under qemu. Exits non-zero on any mismatch.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -231,13 +232,14 @@ struct Case {
   uint64_t seed = 0, offset = 0;
   int64_t mis_x = 0, mis_sc = 0, mis_out = 0;  // elements off the allocation's alignment
   bool threads = false;  // split over the pool and write with streaming stores even when small
+  int64_t channels = 0;  // the layer scale's length (dividing inner), 0: no gamma
 
   std::string str() const {
     char buf[320];
     std::snprintf(buf, sizeof buf,
                   "[outer=%" PRId64 " batch=%" PRId64 " inner=%" PRId64
                   " %s%s%s%s%s p=%g scaling=%s seed=%s offset=%s mis=%" PRId64 "/%" PRId64
-                  "/%" PRId64 "%s]",
+                  "/%" PRId64 "%s gamma=%" PRId64 "]",
                   outer, batch, inner, training ? "training" : "inference",
                   shortcut ? " shortcut" : " no-shortcut", in_place ? " in-place" : "",
                   batch_mode ? " batch-mode" : "",
@@ -245,7 +247,7 @@ struct Case {
                   : layout == Layout::kCompactOutput ? " compact-output"
                                                      : "",
                   p, scaling == Scaling::kTraining ? "training" : "inference", hex(seed).c_str(),
-                  hex(offset).c_str(), mis_x, mis_sc, mis_out, threads ? " threads" : "");
+                  hex(offset).c_str(), mis_x, mis_sc, mis_out, threads ? " threads" : "", channels);
     return buf;
   }
 };
@@ -323,11 +325,17 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
     sc[e] = Ty::kOne;
     x[e] = Ty::kHalfway[static_cast<size_t>(e / 7) % kNh];
   }
-  const std::vector<Bits> xbuf0 = xbuf, scbuf0 = scbuf, outbuf0 = outbuf;
+  // The layer scale: moderate values with a few specials (docs/design.md, "Layer scale").
+  std::vector<Bits> gbuf(static_cast<size_t>(2 * kGuard + c.channels));
+  fill<Ty>(gbuf, rng);
+  const Bits* gamma = gbuf.data() + kGuard;
+  const std::vector<Bits> xbuf0 = xbuf, scbuf0 = scbuf, outbuf0 = outbuf, gbuf0 = gbuf;
 
-  // The expected output, element by element: docs/design.md, "Semantics" and "Arithmetic".
-  auto op = [&](const Bits* scp, Bits xb) {
-    const C scaled = s * Ty::to_c(xb);
+  // The expected output, element by element: docs/design.md, "Semantics" and "Arithmetic"; with
+  // gamma, "Layer scale": t = gamma * x, then s * t, then the add.
+  auto op = [&](const Bits* scp, Bits xb, int64_t e) {
+    const C t = c.channels ? Ty::to_c(gamma[e % c.channels]) * Ty::to_c(xb) : Ty::to_c(xb);
+    const C scaled = s * t;
     return Ty::from_c(scp ? Ty::to_c(*scp) + scaled : scaled);
   };
   // What each output element is: not written (compact rows only), a copy or zero (bit for
@@ -345,10 +353,11 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
         const int64_t k = (o * n_kept + kept_index[b]) * c.inner + i;  // compact index if kept
         const Bits* scp = c.shortcut ? sc + e : nullptr;
         if (params.compact_output) {
-          if (keep[b]) want[k] = op(nullptr, x[e]), kind[k] = kComputed, from[k] = e, xfrom[k] = e;
+          if (keep[b])
+            want[k] = op(nullptr, x[e], e), kind[k] = kComputed, from[k] = e, xfrom[k] = e;
         } else if (keep[b]) {
           const int64_t xi = params.compact_input ? k : e;
-          want[e] = op(scp, x[xi]), kind[e] = kComputed, from[e] = e, xfrom[e] = xi;
+          want[e] = op(scp, x[xi], e), kind[e] = kComputed, from[e] = e, xfrom[e] = xi;
         } else {
           want[e] = scp ? *scp : Bits{0}, kind[e] = kCopy, from[e] = e;
         }
@@ -356,6 +365,10 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
 
   params.shortcut = c.shortcut ? sc : nullptr;
   params.input = x;
+  if (c.channels) {
+    params.gamma = gamma;
+    params.channels = static_cast<int32_t>(c.channels);
+  }
   Bits* out = c.in_place ? sc : outbuf.data() + kGuard + c.mis_out;
   params.out = out;
   const int64_t threshold0 = parallel_threshold_bytes();
@@ -389,6 +402,7 @@ int64_t check_case(Isa isa, const Case& c, SplitMix& rng) {
   if (reported > 3) fail(where + ": " + std::to_string(reported) + " elements differ");
   // Nothing outside the output is written, and the inputs are not (the shortcut only in place).
   if (xbuf != xbuf0) fail(where + ": the input was modified");
+  if (gbuf != gbuf0) fail(where + ": gamma was modified");
   if (c.in_place) {
     if (!same_guards(scbuf, scbuf0, kGuard + c.mis_sc))
       fail(where + ": wrote outside the in-place output");
@@ -415,6 +429,13 @@ void check_kernels(Isa isa, Counts& n) {
     c.mis_x = idx % 4;
     c.mis_sc = (idx / 4) % 4;
     c.mis_out = c.in_place ? c.mis_sc : (idx + 1) % 3;
+    n.elements += check_case<Ty>(isa, c, rng);
+    ++n.cases;
+    // The same case with the layer scale: gamma over the whole row, or over a part of it that
+    // repeats (channels dividing inner), so that spans wrap around gamma.
+    c.channels = c.inner;
+    for (int64_t d : {3, 2, 5})
+      if (idx % 2 && c.inner % d == 0 && c.inner > d) c.channels = c.inner / d;
     n.elements += check_case<Ty>(isa, c, rng);
     ++n.cases;
     ++idx;
@@ -470,6 +491,136 @@ void check_kernels(Isa isa, Counts& n) {
     c.p = 0.5;
     run(c);
   }
+}
+
+// The backward pass with the layer scale (drop_path_backward_gamma; docs/design.md, "Layer
+// scale"): grad_residual element by element, grad_gamma as the pinned column sums written here
+// (rows of `channels` cut into blocks of 64 rows; each block sums its kept rows in row order into
+// +0; the block sums are added in block order into +0; one rounding), on one thread and split
+// over four, bit for bit (a NaN only has to be a NaN). Dropped rows' grad_out and residual are
+// NaN here: they must not be read.
+template <class Ty>
+void check_gamma_backward(Isa isa, Counts& n) {
+  using Bits = typename Ty::Bits;
+  using C = typename Ty::C;
+  SplitMix rng{0x6A77A000u + static_cast<uint64_t>(Ty::kType)};
+  struct Shape {
+    int64_t outer, batch, inner, channels;
+  };
+  const Shape shapes[] = {{1, 4, 1, 1},   {1, 7, 5, 5},   {2, 6, 12, 4},    {3, 5, 64, 64},
+                          {1, 9, 33, 33}, {2, 3, 96, 32}, {1, 130, 7, 7},   {1, 3, 4096, 16},
+                          {4, 65, 3, 3},  {1, 1, 200, 8}, {1, 17, 129, 129}};
+  int idx = 0;
+  for (const Shape& sh : shapes)
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool training = variant != 3, threads = variant % 2 == 1;
+      const double p = variant == 2 ? 1.0 : 0.6;
+      const Scaling scaling = idx % 2 ? Scaling::kTraining : Scaling::kInference;
+      const uint64_t seed = rng.next(), offset = rng.next() % 100;
+      const bool batch_mode = idx % 5 == 4;
+      ++idx;
+      char buf[200];
+      std::snprintf(buf, sizeof buf,
+                    "%s %s gamma backward [outer=%" PRId64 " batch=%" PRId64 " inner=%" PRId64
+                    " channels=%" PRId64 " %s p=%g%s%s]",
+                    isa_name(isa), Ty::kName, sh.outer, sh.batch, sh.inner, sh.channels,
+                    training ? "training" : "inference", p, threads ? " threads" : "",
+                    batch_mode ? " batch-mode" : "");
+      const std::string where = buf;
+
+      DropPathParams params;
+      params.outer = sh.outer;
+      params.batch = sh.batch;
+      params.inner = sh.inner;
+      params.dtype = Ty::kType;
+      params.training = training;
+      params.batch_mode = batch_mode;
+      params.seed = seed;
+      params.offset = offset;
+      set_scalars(params, p, scaling);
+      const double s64 = training ? (scaling == Scaling::kTraining ? 1.0 / p : 1.0)
+                                  : (scaling == Scaling::kInference ? p : 1.0);
+      const C s = static_cast<C>(s64);
+      const int64_t numel = sh.outer * sh.batch * sh.inner, ch = sh.channels;
+      const int64_t rows = numel / ch;
+      auto kept = [&](int64_t r) {
+        const int64_t b = (r * ch / sh.inner) % sh.batch;
+        return !training || keep_sample(seed, offset, batch_mode ? 0 : static_cast<uint64_t>(b),
+                                        keep_threshold(p));
+      };
+      const Bits nan = Ty::from_c(std::numeric_limits<C>::quiet_NaN());
+      std::vector<Bits> grad(static_cast<size_t>(numel)), res(grad.size()),
+          gamma(static_cast<size_t>(ch));
+      for (auto* v : {&grad, &res, &gamma})
+        for (Bits& b : *v) b = Ty::from_c(static_cast<C>(rng.uniform() * 4.0 - 2.0));
+      for (int64_t r = 0; r < rows; ++r)
+        if (!kept(r))
+          for (int64_t i = 0; i < ch; ++i) grad[r * ch + i] = res[r * ch + i] = nan;
+
+      std::vector<Bits> want(grad.size()), want_gg(gamma.size());
+      std::vector<C> total(static_cast<size_t>(ch), C(0));
+      for (int64_t b0 = 0; b0 < rows; b0 += 64) {
+        std::vector<C> part(static_cast<size_t>(ch), C(0));
+        for (int64_t r = b0; r < std::min(rows, b0 + 64); ++r) {
+          for (int64_t i = 0; i < ch; ++i) {
+            const int64_t e = r * ch + i;
+            if (!kept(r)) {
+              want[e] = Bits{0};
+              continue;
+            }
+            const C v = s * Ty::to_c(grad[e]);
+            want[e] = Ty::from_c(Ty::to_c(gamma[i]) * v);
+            part[i] = part[i] + v * Ty::to_c(res[e]);
+          }
+        }
+        for (int64_t i = 0; i < ch; ++i) total[i] = total[i] + part[i];
+      }
+      for (int64_t i = 0; i < ch; ++i) want_gg[i] = Ty::from_c(total[i]);
+
+      std::vector<Bits> out(grad.size(), static_cast<Bits>(0xA5A5A5A5A5A5A5A5ull));
+      std::vector<Bits> gg(gamma.size(), static_cast<Bits>(0xA5A5A5A5A5A5A5A5ull));
+      params.input = grad.data();
+      params.out = out.data();
+      params.gamma = gamma.data();
+      params.channels = static_cast<int32_t>(ch);
+      const int64_t threshold0 = parallel_threshold_bytes();
+      const int threads0 = num_threads();
+      if (threads) {
+        set_parallel_threshold_bytes(0);
+        set_num_threads(4);
+      }
+      try {
+        drop_path_backward_gamma(params, res.data(), gg.data(), Device{}, nullptr);
+      } catch (const std::exception& ex) {
+        fail(where + ": threw " + ex.what());
+      }
+      set_parallel_threshold_bytes(threshold0);
+      set_num_threads(threads0);
+      int reported = 0;
+      auto same = [](Bits a, Bits b) { return a == b || (Ty::is_nan(a) && Ty::is_nan(b)); };
+      for (int64_t e = 0; e < numel; ++e)
+        if (!same(out[e], want[e]) && reported++ < 3)
+          fail(where + " grad_residual element " + std::to_string(e) + ": got " + hex(out[e]) +
+               ", want " + hex(want[e]));
+      for (int64_t i = 0; i < ch; ++i)
+        if (!same(gg[i], want_gg[i]) && reported++ < 6)
+          fail(where + " grad_gamma[" + std::to_string(i) + "]: got " + hex(gg[i]) + ", want " +
+               hex(want_gg[i]));
+      ++n.cases;
+      n.elements += numel;
+    }
+  // No rows: grad_gamma is +0.
+  DropPathParams empty;
+  empty.batch = 0;
+  empty.inner = 3;
+  empty.dtype = Ty::kType;
+  empty.channels = 3;
+  std::vector<Bits> gamma(3, Ty::kOne), gg(3, static_cast<Bits>(0xA5A5A5A5A5A5A5A5ull));
+  empty.gamma = gamma.data();
+  set_scalars(empty, 0.5, Scaling::kTraining);
+  drop_path_backward_gamma(empty, nullptr, gg.data(), Device{}, nullptr);
+  for (Bits b : gg)
+    if (b != Bits{0}) fail(std::string(isa_name(isa)) + " " + Ty::kName + ": no rows, grad_gamma");
 }
 
 // stream_copy: the bytes, nothing outside them, through copy_range with and without streaming.
@@ -587,6 +738,10 @@ int main() {
       check_kernels<BF16>(isa, n);
       check_kernels<F32>(isa, n);
       check_kernels<F64>(isa, n);
+      check_gamma_backward<F16>(isa, n);
+      check_gamma_backward<BF16>(isa, n);
+      check_gamma_backward<F32>(isa, n);
+      check_gamma_backward<F64>(isa, n);
       const int copies = check_copy(isa);
       std::printf("%-12s philox %d blocks, masks %d, kernels %" PRId64 " cases / %" PRId64
                   " elements, copies %d: %s\n",
