@@ -348,18 +348,20 @@ def test_vit_attention_mask_takes_the_blocks_own_forward():
     assert_same(model[1](x, attn_mask=mask), original[1](x, attn_mask=mask))
 
 
-@pytest.mark.skipif(not patch_module.FUSE_LAYER_SCALE,
-                    reason="stochdepth.torch.drop_path has no gamma= in this build")
 def test_layer_scale_fused_into_the_op():
+    assert patch_module.FUSE_LAYER_SCALE
     model = _vit().train()
     original = copy.deepcopy(model)
     report = sdt.patch(model, seed=SEED, skip_compute=False)
     assert report.changed["1"] == "Block: LayerScale fused into the op (gamma=)"
+    # The seeded drop paths add their rng_state; every other key stays.
+    keys = [k for k in model.state_dict() if not k.endswith("rng_state")]
+    assert keys == list(original.state_dict())
     x = randn((12, 9, 32))
     assert_same(model(x), _reference(original, x, report.seeds, 0))
 
 
-def test_layer_scale_switch_reads_the_signature(monkeypatch):
+def test_layer_scale_switch(monkeypatch):
     monkeypatch.setattr(patch_module, "FUSE_LAYER_SCALE", False)
     assert patch_module._layer_scale_gamma(B.LayerScale(4)) is None
     monkeypatch.setattr(patch_module, "FUSE_LAYER_SCALE", True)

@@ -14,9 +14,9 @@ the draws, the per-rank seed), `_seeded` (the seeded modules' state, `SeededMixi
 from __future__ import annotations
 
 from ._keys import rank_seed
-from ._ops import drop_path_bwd, drop_path_fwd
+from ._ops import drop_path_bwd, drop_path_fwd, drop_path_gamma_bwd, drop_path_gamma_fwd
 from .functional import drop_path, stochastic_depth, torchvision_stochastic_depth
-from .modules import DropPath, StochasticDepth, TorchvisionStochasticDepth
+from .modules import DropPath, LayerScaleDropPath, StochasticDepth, TorchvisionStochasticDepth
 from .norm import StochasticDepthNorm, stochastic_depth_norm
 from .patch import PatchReport, patch
 from .residual import StochasticResidual, stochastic_residual
@@ -27,10 +27,13 @@ __all__ = [
     "torchvision_stochastic_depth",
     "StochasticDepth",
     "DropPath",
+    "LayerScaleDropPath",
     "TorchvisionStochasticDepth",
     "rank_seed",
     "drop_path_fwd",
     "drop_path_bwd",
+    "drop_path_gamma_fwd",
+    "drop_path_gamma_bwd",
     "StochasticResidual",
     "stochastic_residual",
     "stochastic_depth_norm",

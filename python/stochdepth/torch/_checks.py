@@ -75,3 +75,50 @@ def check_op_args(shortcut, residual, survival_prob, axis, scaling) -> None:
     check_tensors(shortcut, residual, axis)
     _op.check_prob("survival_prob", survival_prob)
     check_scaling(scaling)
+
+
+def check_gamma(gamma, ref, axis: int, ref_name: str = "residual") -> None:
+    """The layer scale against the tensor it scales (docs/design.md, "Layer scale"), with the
+    raw API's messages: shape (C,), C the last axis of `ref`, which must not be the sample axis,
+    and `ref`'s dtype and device. Run after `check_tensors` (`axis` is in range)."""
+    if not isinstance(gamma, Tensor):
+        raise TypeError(f"gamma must be a torch.Tensor or None, got {type(gamma).__name__}")
+    if gamma.dtype != ref.dtype:
+        raise TypeError(f"gamma must have dtype {dtype_name(ref.dtype)} like {ref_name}, got "
+                        f"{dtype_name(gamma.dtype)}")
+    rank = ref.dim()
+    if axis % rank == rank - 1:
+        raise ValueError(f"gamma scales the channels (the last axis of {ref_name}), which must "
+                         f"not be the sample axis; got axis {axis % rank} for {ref_name} of "
+                         f"shape {tuple(ref.shape)}")
+    channels = ref.shape[-1]
+    if tuple(gamma.shape) != (channels,):
+        raise ValueError(f"gamma must have shape ({channels},) (the last axis of {ref_name}), "
+                         f"got {tuple(gamma.shape)}")
+    if channels > 2**31 - 1:
+        raise ValueError(f"gamma must have fewer than 2**31 elements, got {channels}")
+    if gamma.device != ref.device:
+        raise ValueError(f"gamma must be on the same device as {ref_name} ({ref.device}), got "
+                         f"{gamma.device}")
+
+
+def check_like_grad_out(residual, grad_out) -> None:
+    """The layer scale's backward: the forward's residual against grad_out (the raw API's
+    messages)."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    if residual.dtype != grad_out.dtype:
+        raise TypeError(f"residual must have dtype {dtype_name(grad_out.dtype)} like grad_out, "
+                        f"got {dtype_name(residual.dtype)}")
+    if residual.shape != grad_out.shape:
+        raise ValueError(f"residual must have shape {tuple(grad_out.shape)} like grad_out, got "
+                         f"{tuple(residual.shape)}")
+    if residual.device != grad_out.device:
+        raise ValueError(f"residual must be on the same device as grad_out ({grad_out.device}), "
+                         f"got {residual.device}")
+
+
+def check_gamma_op_args(shortcut, residual, gamma, survival_prob, axis, scaling) -> None:
+    """The layer-scale op's arguments (run by the op and its fake kernel)."""
+    check_op_args(shortcut, residual, survival_prob, axis, scaling)
+    check_gamma(gamma, residual, axis)

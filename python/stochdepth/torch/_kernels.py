@@ -93,7 +93,7 @@ def _dense(shortcut, src, key, survival_prob, training, batch_mode, axis, scalin
     if use_lib_alloc(src):
         out = _core.forward(None if shortcut is None else shortcut.detach(), src.detach(),
                             float(survival_prob), bool(training), seed, offset,
-                            "batch" if batch_mode else "row", axis, scaling, None, None)
+                            "batch" if batch_mode else "row", axis, scaling, None, None, None)
         return torch.from_dlpack(out)
     out = torch.empty_like(src)
     numel = src.numel()
@@ -125,6 +125,45 @@ def forward(shortcut, residual, key, survival_prob, training, batch_mode, axis, 
 def backward(grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank):
     """drop_path_bwd: grad_residual = keep * s * grad_out, the single-input forward of grad_out."""
     return _dense(None, grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank)
+
+
+def _core_key(key, training, rank, src):
+    """The raw API's (seed, offset, stream) for this call: the words tensor as the seed for CUDA
+    words (kept alive by the caller until the call returns), None at inference; the stream of
+    `src`'s device for CUDA, None for the CPU."""
+    seed, offset, words = _key_args(key, training, rank)
+    words = _words(words, src)
+    if words is not None:
+        seed, offset = words, 0
+    elif not training:
+        seed = None
+    return seed, offset, device_and_stream(src)[1] if src.is_cuda else None
+
+
+def forward_gamma(shortcut, residual, gamma, key, survival_prob, training, batch_mode, axis,
+                  scaling, rank):
+    """drop_path_gamma_fwd: out = shortcut + keep * s * (gamma * residual), through the raw
+    API's layer scale (docs/design.md, "Layer scale"), which pins the arithmetic."""
+    residual = dense(residual)
+    if shortcut is not None:
+        shortcut = dense(shortcut).detach()
+    seed, offset, stream = _core_key(key, training, rank, residual)
+    out = _core.forward(shortcut, residual.detach(), float(survival_prob), bool(training), seed,
+                        offset, "batch" if batch_mode else "row", axis, scaling, None, stream,
+                        dense(gamma).detach())
+    return torch.from_dlpack(out)
+
+
+def backward_gamma(grad_out, residual, gamma, key, survival_prob, training, batch_mode, axis,
+                   scaling, rank):
+    """drop_path_gamma_bwd: (grad_residual, grad_gamma) in the raw API's one pass."""
+    grad_out = dense(grad_out)
+    seed, offset, stream = _core_key(key, training, rank, grad_out)
+    _, g_res, g_gamma = _core.backward(
+        grad_out.detach(), float(survival_prob), bool(training), seed, offset,
+        "batch" if batch_mode else "row", axis, scaling, None, stream, dense(gamma).detach(),
+        dense(residual).detach())
+    return torch.from_dlpack(g_res), torch.from_dlpack(g_gamma)
 
 
 def library_copy(t: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def eager(*tensors) -> bool:
+def eager(*tensors, gamma=None) -> bool:
     """True when the eager fast path may run: nothing traces or watches the dispatcher, and each
     given tensor (None entries are skipped) is a plain CPU or CUDA `torch.Tensor` whose values
     can be read now.
@@ -19,20 +19,25 @@ def eager(*tensors) -> bool:
     (FakeTensorMode, opcheck's modes, `with torch.device(...)`), the JIT tracer, functorch
     transforms and functionalization, for tensor subclasses and for meta or other devices: there
     the registered custom ops run, so that tracers see `stochdepth::...` nodes.
+
+    `gamma`, the layer scale, may also be an `nn.Parameter` (a LayerScale's, which is one):
+    a subclass that only disables `__torch_function__`, so the fast path reads it as a tensor.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda):
+        if t is not None and not _plain(t, type(t) is torch.Tensor):
             return False
-        if wrapped(t) or torch._is_functional_tensor(t):
-            return False
-    return True
+    return gamma is None or _plain(gamma, type(gamma) in (torch.Tensor, torch.nn.Parameter))
+
+
+def _plain(t, plain_type: bool) -> bool:
+    if not plain_type or not (t.is_cpu or t.is_cuda):
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not (wrapped(t) or torch._is_functional_tensor(t))
 
 
 def in_backward() -> bool:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import _op
 from . import _kernels, _mode
-from ._checks import check_op_args, check_rng
+from ._checks import check_gamma_op_args, check_like_grad_out, check_op_args, check_rng
 from ._keys import Key, Rng
 
 # ---- the ops' own entries: their arguments checked, their rng read as the kernels take it -----
@@ -112,6 +112,66 @@ def _(grad_out, rng, survival_prob, training, batch_mode, axis, scaling, rank):
     return grad_out.new_empty(grad_out.shape)
 
 
+@torch.library.custom_op("stochdepth::drop_path_gamma_fwd", mutates_args=())
+def drop_path_gamma_fwd(
+    shortcut: Optional[Tensor],
+    residual: Tensor,
+    gamma: Tensor,
+    rng: Optional[Tensor],
+    survival_prob: float,
+    training: bool,
+    batch_mode: bool,
+    axis: int,
+    scaling: str,
+    rank: int,
+) -> Tensor:
+    """out = shortcut + keep * s * (gamma * residual), the layer scale `gamma` of shape (C,)
+    over the last axis (docs/design.md, "Layer scale"); the other arguments as drop_path_fwd's.
+    """
+    check_rng(rng)
+    check_gamma_op_args(shortcut, residual, gamma, survival_prob, axis, scaling)
+    return _kernels.forward_gamma(shortcut, residual, gamma, _op_key(rng, training),
+                                  survival_prob, training, batch_mode, axis, scaling, rank)
+
+
+@drop_path_gamma_fwd.register_fake
+def _(shortcut, residual, gamma, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+    check_rng(rng)
+    check_gamma_op_args(shortcut, residual, gamma, survival_prob, axis, scaling)
+    return residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("stochdepth::drop_path_gamma_bwd", mutates_args=())
+def drop_path_gamma_bwd(
+    grad_out: Tensor,
+    residual: Tensor,
+    gamma: Tensor,
+    rng: Optional[Tensor],
+    survival_prob: float,
+    training: bool,
+    batch_mode: bool,
+    axis: int,
+    scaling: str,
+    rank: int,
+) -> tuple[Tensor, Tensor]:
+    """(grad_residual, grad_gamma) of drop_path_gamma_fwd in one pass: gamma * (keep * s *
+    grad_out), and the kept rows' sum of (s * grad_out) * residual in the pinned order
+    (`residual` the forward's)."""
+    check_rng(rng)
+    check_gamma_op_args(None, grad_out, gamma, survival_prob, axis, scaling)
+    check_like_grad_out(residual, grad_out)
+    return _kernels.backward_gamma(grad_out, residual, gamma, _op_key(rng, training),
+                                   survival_prob, training, batch_mode, axis, scaling, rank)
+
+
+@drop_path_gamma_bwd.register_fake
+def _(grad_out, residual, gamma, rng, survival_prob, training, batch_mode, axis, scaling, rank):
+    check_rng(rng)
+    check_gamma_op_args(None, grad_out, gamma, survival_prob, axis, scaling)
+    check_like_grad_out(residual, grad_out)
+    return grad_out.new_empty(grad_out.shape), gamma.new_empty(gamma.shape)
+
+
 @torch.library.custom_op("stochdepth::scatter_kept", mutates_args=())
 def scatter_kept(shortcut: Optional[Tensor], kept: Tensor, rng: Tensor, survival_prob: float,
                  batch_mode: bool, scaling: str, batch: int) -> Tensor:
@@ -189,11 +249,12 @@ def _(rng, rank):
 # ---- autograd: one setup_context and one backward per op, for both paths ---------------------
 
 
-def _keep_rng(ctx, rng) -> None:
-    """Keep (seed, offset) for backward. The eager path's Key as it is: Python ints, or CUDA words
-    (the forward's own copy, so backward regenerates its mask). An op's rng: read now when its
-    values can be (the op called eagerly), else (in a traced graph) the 16-byte tensor, saved.
-    Never a mask or per-element data."""
+def _keep_rng(ctx, rng, saved: tuple = ()) -> None:
+    """Keep (seed, offset) for backward, and save the tensors `saved` (the layer scale's
+    residual and gamma; nothing else is saved). The eager path's Key as it is: Python ints, or
+    CUDA words (the forward's own copy, so backward regenerates its mask). An op's rng: read now
+    when its values can be (the op called eagerly), else (in a traced graph) the 16-byte tensor,
+    saved after `saved`. Never a mask."""
     ctx.rng_saved = False
     if rng is None or isinstance(rng, Key):
         ctx.key = rng
@@ -201,13 +262,15 @@ def _keep_rng(ctx, rng) -> None:
         ctx.key = Key.of(rng)
     else:
         ctx.rng_saved = True
-        ctx.save_for_backward(rng)
+        saved = saved + (rng,)
+    if saved:
+        ctx.save_for_backward(*saved)
 
 
 def _kept_rng(ctx, eager: bool):
     """The forward's pair in the form of the path this backward takes."""
     if ctx.rng_saved:
-        rng = ctx.saved_tensors[0]
+        rng = ctx.saved_tensors[-1]
         return Key.of(rng) if eager else rng
     key = ctx.key
     return key if eager or key is None else key.tensor()
@@ -251,6 +314,55 @@ def _bwd_backward(ctx, grad):
     eager = _mode.eager(grad)
     return (backward(eager, grad, _kept_rng(ctx, eager), *ctx.args), None, None, None, None,
             None, None, None)
+
+
+def _gamma_setup(ctx, inputs, output):
+    shortcut, residual, gamma, rng, *args = inputs
+    ctx.args = tuple(args)
+    ctx.has_shortcut = shortcut is not None
+    _keep_rng(ctx, rng, (residual, gamma))
+
+
+def _gamma_backward(ctx, grad):
+    eager = _mode.eager(grad)
+    residual, gamma = ctx.saved_tensors[:2]
+    g_res = g_gamma = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        # One pass gives both (docs/design.md, "Layer scale").
+        g_res, g_gamma = backward_gamma(eager, grad, residual, gamma, _kept_rng(ctx, eager),
+                                        *ctx.args)
+    g_sc = _grad_shortcut(eager, grad) if ctx.has_shortcut and ctx.needs_input_grad[0] else None
+    return (g_sc, g_res if ctx.needs_input_grad[1] else None,
+            g_gamma if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
+
+
+def _gamma_bwd_setup(ctx, inputs, output):
+    grad_out, residual, gamma, rng, *args = inputs
+    ctx.args = tuple(args)
+    _keep_rng(ctx, rng, (grad_out, residual, gamma))
+
+
+def _gamma_bwd_backward(ctx, g_g_res, g_g_gamma):
+    """Double backward. With m = keep * s per sample, the op is grad_residual = gamma * m * g
+    and grad_gamma = rows' sum of m * g * residual (g = grad_out): bilinear, so each input's
+    gradient is the layer-scale op itself with other operands."""
+    eager = _mode.eager(g_g_res if g_g_res is not None else g_g_gamma)
+    grad_out, residual, gamma = ctx.saved_tensors[:3]
+    key = _kept_rng(ctx, eager)
+    need = ctx.needs_input_grad
+    d_g = d_res = d_gamma = None
+    if need[0]:
+        parts = []
+        if g_g_res is not None:
+            parts.append(forward_gamma(eager, None, g_g_res, gamma, key, *ctx.args))
+        if g_g_gamma is not None:
+            parts.append(forward_gamma(eager, None, residual, g_g_gamma, key, *ctx.args))
+        d_g = sum(parts[1:], parts[0]) if parts else None
+    if need[1] and g_g_gamma is not None:
+        d_res = forward_gamma(eager, None, grad_out, g_g_gamma, key, *ctx.args)
+    if need[2] and g_g_res is not None:
+        d_gamma = backward_gamma(eager, grad_out, g_g_res, gamma, key, *ctx.args)[1]
+    return d_g, d_res, d_gamma, None, None, None, None, None, None, None
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -298,6 +410,8 @@ def _select_backward(ctx, grad):
 
 drop_path_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 drop_path_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
+drop_path_gamma_fwd.register_autograd(_gamma_backward, setup_context=_gamma_setup)
+drop_path_gamma_bwd.register_autograd(_gamma_bwd_backward, setup_context=_gamma_bwd_setup)
 scatter_kept.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 gather_kept.register_autograd(_gather_backward, setup_context=_gather_setup)
 select_kept.register_autograd(_select_backward, setup_context=_select_setup)
@@ -318,6 +432,10 @@ def _eager_function(name, body, setup, backward_fn):
 
 _FwdFunction = _eager_function("_FwdFunction", _kernels.forward, _fwd_setup, _fwd_backward)
 _BwdFunction = _eager_function("_BwdFunction", _kernels.backward, _bwd_setup, _bwd_backward)
+_GammaFwdFunction = _eager_function("_GammaFwdFunction", _kernels.forward_gamma, _gamma_setup,
+                                    _gamma_backward)
+_GammaBwdFunction = _eager_function("_GammaBwdFunction", _kernels.backward_gamma,
+                                    _gamma_bwd_setup, _gamma_bwd_backward)
 _ScatterFunction = _eager_function("_ScatterFunction", _kernels.scatter, _scatter_setup,
                                    _scatter_backward)
 _GatherFunction = _eager_function("_GatherFunction", _kernels.gather, _gather_setup,
@@ -345,6 +463,23 @@ def forward(eager: bool, shortcut, residual, key, config: _op.OpConfig, rank: in
 def backward(eager, grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank):
     args = [grad_out, key, survival_prob, training, batch_mode, axis, scaling, rank]
     return _run(eager, drop_path_bwd, _BwdFunction, _kernels.backward, args, grad_out)
+
+
+def forward_gamma(eager, shortcut, residual, gamma, key, survival_prob, training, batch_mode,
+                  axis, scaling, rank):
+    """drop_path_gamma_fwd by the path `eager` (`key` as for `forward`)."""
+    args = [shortcut, residual, gamma, key, survival_prob, training, batch_mode, axis, scaling,
+            rank]
+    return _run(eager, drop_path_gamma_fwd, _GammaFwdFunction, _kernels.forward_gamma, args,
+                shortcut, residual, gamma)
+
+
+def backward_gamma(eager, grad_out, residual, gamma, key, survival_prob, training, batch_mode,
+                   axis, scaling, rank):
+    args = [grad_out, residual, gamma, key, survival_prob, training, batch_mode, axis, scaling,
+            rank]
+    return _run(eager, drop_path_gamma_bwd, _GammaBwdFunction, _kernels.backward_gamma, args,
+                grad_out, residual, gamma)
 
 
 def scatter(eager, shortcut, kept, key, survival_prob, batch_mode, scaling, batch):

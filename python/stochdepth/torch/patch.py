@@ -24,7 +24,6 @@ block (its drop paths still become the library's op).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Optional
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 
 from .._op import M64, check_u64
 from . import functional
-from .modules import DropPath, TorchvisionStochasticDepth
+from .modules import DropPath, TorchvisionStochasticDepth, promote_gamma
 from .residual import stochastic_residual
 
 __all__ = ["PatchReport", "patch"]
@@ -62,14 +61,9 @@ class PatchReport:
         return "\n".join(lines)
 
 
-# LayerScale folded into the op (`gamma=`), where the library's functions take it. One switch:
-# with it off, a LayerScale stays a module of the branch, as in timm's forward.
-def _fused_layer_scale() -> bool:
-    return all("gamma" in inspect.signature(f).parameters
-               for f in (functional.drop_path, functional.stochastic_depth))
-
-
-FUSE_LAYER_SCALE = _fused_layer_scale()
+# LayerScale folded into the op (`gamma=`, docs/design.md "Layer scale"). One switch: with it
+# off, a LayerScale stays a module of the branch, as in timm's forward.
+FUSE_LAYER_SCALE = True
 
 
 def _layer_scale_gamma(ls):
@@ -86,9 +80,11 @@ def _scaling(drop) -> str:
 
 
 def _fused_op(x, drop, residual, gamma):
-    """x + drop(residual * gamma) as one library call: stochastic_depth(..., gamma=)."""
+    """x + drop(residual * gamma) as one library call: stochastic_depth(..., gamma=), in the
+    dtype timm's unfused expression computes in."""
     p = 1.0 - float(drop.drop_prob)
     seed, offset = (None, 0) if drop.seed is None else drop._host_rng()
+    x, residual, gamma = promote_gamma(x, residual, gamma)
     return functional.stochastic_depth(x, residual, p, True, mode=drop.mode,
                                        scaling=_scaling(drop), seed=seed, offset=offset,
                                        sync_across_ranks=drop.sync_across_ranks, gamma=gamma)
