@@ -123,6 +123,29 @@ def check_arrays(name: str, dtype: str, shape: tuple, axis: int,
     return check_axis_in_rank(axis, len(shape))
 
 
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def check_gamma(dtype: str, shape: tuple, like_name: str, like_dtype: str, like_shape: tuple,
+                axis: int) -> None:
+    """The layer scale (docs/design.md, "Layer scale") by dtype name and shape against the array
+    it scales (`like_name`, sample axis `axis`, an index): the raw API's errors and messages.
+    Shapes with a None dimension (unknown until run time) are not checked against it."""
+    if dtype != like_dtype:
+        raise TypeError(f"gamma must have dtype {like_dtype} like {like_name}, got {dtype}")
+    if axis == len(like_shape) - 1:
+        raise ValueError(f"gamma scales the channels (the last axis of {like_name}), which must "
+                         f"not be the sample axis; got axis {axis} for {like_name} of shape "
+                         f"{_shape_str(like_shape)}")
+    c = like_shape[-1]
+    if len(shape) != 1 or (c is not None and shape[0] is not None and shape[0] != c):
+        raise ValueError(f"gamma must have shape ({c},) (the last axis of {like_name}), got "
+                         f"{_shape_str(shape)}")
+    if c is not None and c > 2**31 - 1:
+        raise ValueError(f"gamma must have fewer than 2**31 elements, got {c}")
+
+
 def check_seed_given(seed) -> None:
     if seed is None:
         raise ValueError("seed is required when training=True (the mask is drawn)")

@@ -114,6 +114,43 @@ ffi::Error fill_params(DropPathParams& params, const ffi::AnyBuffer* shortcut,
   return ffi::Error::Success();
 }
 
+// The layer scale (docs/design.md, "Layer scale"): gamma of the input's dtype and shape (C,), C
+// the last axis, which must not be the sample axis; checked by the Python wrapper first, as above.
+ffi::Error set_gamma(DropPathParams& params, const ffi::AnyBuffer* gamma,
+                     const ffi::AnyBuffer& input, int64_t axis) {
+  if (gamma == nullptr) return ffi::Error::Success();
+  const auto dims = input.dimensions();
+  const auto g = gamma->dimensions();
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (gamma->element_type() != input.element_type() || axis == rank - 1 || g.size() != 1 ||
+      g[0] != dims[rank - 1] || g[0] > INT32_MAX) {
+    return ffi::Error::InvalidArgument(
+        "stochdepth: gamma must have the inputs' dtype and shape (C,), C their last axis, "
+        "which must not be the sample axis");
+  }
+  params.gamma = gamma->untyped_data();
+  params.channels = static_cast<int32_t>(g[0]);
+  return ffi::Error::Success();
+}
+
+// The backward pass's extra buffers: the forward's residual like grad_out, grad_gamma like gamma.
+ffi::Error check_backward_gamma(const ffi::AnyBuffer& grad_out, const ffi::AnyBuffer& residual,
+                                const ffi::AnyBuffer& gamma, const ffi::AnyBuffer& grad_gamma) {
+  auto same = [](const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+    const auto da = a.dimensions(), db = b.dimensions();
+    if (a.element_type() != b.element_type() || da.size() != db.size()) return false;
+    for (size_t i = 0; i < da.size(); ++i) {
+      if (da[i] != db[i]) return false;
+    }
+    return true;
+  };
+  if (!same(residual, grad_out) || !same(grad_gamma, gamma)) {
+    return ffi::Error::InvalidArgument(
+        "stochdepth: residual must be like grad_out, and grad_gamma like gamma");
+  }
+  return ffi::Error::Success();
+}
+
 void read_key(DropPathParams& params, const uint32_t* k) {
   params.seed = (static_cast<uint64_t>(k[1]) << 32) | k[0];
   params.offset = (static_cast<uint64_t>(k[3]) << 32) | k[2];
@@ -138,10 +175,15 @@ void advise_huge_pages(void* data, int64_t bytes) {
 #endif
 }
 
-ffi::Error run_cpu(const DropPathParams& params) {
-  IeeeSubnormals ieee;
+// The op, or with grad_gamma the backward pass with gamma, on `device` (the CPU: stream nullptr).
+ffi::Error run(const DropPathParams& params, void* grad_gamma, const void* residual, Device device,
+               void* stream) {
   try {
-    g_entry.load()->drop_path(params, Device{DeviceKind::kCPU, 0}, nullptr);
+    if (grad_gamma == nullptr) {
+      g_entry.load()->drop_path(params, device, stream);
+    } else if (params.channels > 0) {  // no channels: no element, and grad_gamma is empty
+      g_entry.load()->backward_gamma(params, residual, grad_gamma, device, stream);
+    }
   } catch (const std::invalid_argument& e) {
     return ffi::Error::InvalidArgument(std::string("stochdepth: ") + e.what());
   } catch (const std::exception& e) {
@@ -150,27 +192,42 @@ ffi::Error run_cpu(const DropPathParams& params) {
   return ffi::Error::Success();
 }
 
-// One op on the CPU: shortcut = nullptr is the single-input form (and the backward pass).
+// One op on the CPU: shortcut = nullptr is the single-input form (and the backward pass);
+// gamma = nullptr is the op without the layer scale; grad_gamma (with gamma, no shortcut, and
+// `residual` the forward's) makes it the backward pass with gamma.
 ffi::Error op_cpu(const ffi::AnyBuffer* shortcut, const ffi::AnyBuffer& input,
-                  const ffi::AnyBuffer& key, ffi::AnyBuffer& out, double p, int64_t axis,
-                  int64_t training, int64_t batch_mode, int64_t scaling) {
+                  const ffi::AnyBuffer* gamma, const ffi::AnyBuffer& key, ffi::AnyBuffer& out,
+                  double p, int64_t axis, int64_t training, int64_t batch_mode, int64_t scaling,
+                  const ffi::AnyBuffer* residual = nullptr, ffi::AnyBuffer* grad_gamma = nullptr) {
   DropPathParams params;
   ffi::Error err =
       fill_params(params, shortcut, input, key, out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  err = set_gamma(params, gamma, input, axis);
   if (!err.success()) return err;
   read_key(params, static_cast<const uint32_t*>(key.untyped_data()));
   if (params.out != params.shortcut) {  // in place, the buffer is the shortcut's, already written
     advise_huge_pages(params.out,
                       params.numel() * static_cast<int64_t>(stochdepth::dtype_size(params.dtype)));
   }
-  return run_cpu(params);
+  IeeeSubnormals ieee;
+  return run(params, grad_gamma ? grad_gamma->untyped_data() : nullptr,
+             residual ? residual->untyped_data() : nullptr, Device{DeviceKind::kCPU, 0}, nullptr);
 }
 
 // out = shortcut + keep * s * residual (docs/design.md, "Semantics").
 ffi::Error residual_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::AnyBuffer key,
                         ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                         int64_t batch_mode, int64_t scaling) {
-  return op_cpu(&shortcut, residual, key, *out, p, axis, training, batch_mode, scaling);
+  return op_cpu(&shortcut, residual, nullptr, key, *out, p, axis, training, batch_mode, scaling);
+}
+
+// out = shortcut + keep * s * (gamma * residual) (docs/design.md, "Layer scale").
+ffi::Error residual_gamma_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual,
+                              ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                              ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis,
+                              int64_t training, int64_t batch_mode, int64_t scaling) {
+  return op_cpu(&shortcut, residual, &gamma, key, *out, p, axis, training, batch_mode, scaling);
 }
 
 // out = keep * s * input: the backward pass (input = grad_out, out = grad_residual) and the
@@ -178,7 +235,28 @@ ffi::Error residual_cpu(ffi::AnyBuffer shortcut, ffi::AnyBuffer residual, ffi::A
 ffi::Error scale_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::AnyBuffer> out,
                      double p, int64_t axis, int64_t training, int64_t batch_mode,
                      int64_t scaling) {
-  return op_cpu(nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
+  return op_cpu(nullptr, input, nullptr, key, *out, p, axis, training, batch_mode, scaling);
+}
+
+// out = keep * s * (gamma * input): the single-input forward pass with the layer scale.
+ffi::Error scale_gamma_cpu(ffi::AnyBuffer input, ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                           ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis,
+                           int64_t training, int64_t batch_mode, int64_t scaling) {
+  return op_cpu(nullptr, input, &gamma, key, *out, p, axis, training, batch_mode, scaling);
+}
+
+// The backward pass with the layer scale, one pass through the core (drop_path_backward_gamma):
+// grad_residual = keep * gamma * (s * grad_out), and grad_gamma, the column sums over the kept
+// rows of (s * grad_out) * residual, in the order of docs/design.md, "Layer scale".
+ffi::Error backward_gamma_cpu(ffi::AnyBuffer grad_out, ffi::AnyBuffer residual,
+                              ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                              ffi::Result<ffi::AnyBuffer> grad_residual,
+                              ffi::Result<ffi::AnyBuffer> grad_gamma, double p, int64_t axis,
+                              int64_t training, int64_t batch_mode, int64_t scaling) {
+  ffi::Error err = check_backward_gamma(grad_out, residual, gamma, *grad_gamma);
+  if (!err.success()) return err;
+  return op_cpu(nullptr, grad_out, &gamma, key, *grad_residual, p, axis, training, batch_mode,
+                scaling, &residual, &(*grad_gamma));
 }
 
 #if STOCHDEPTH_JAX_CUDA
@@ -191,41 +269,68 @@ ffi::Error scale_cpu(ffi::AnyBuffer input, ffi::AnyBuffer key, ffi::Result<ffi::
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the key operand is read as [seed, offset] u64 words");
 
-// One op on the GPU, on XLA's stream; shortcut = nullptr as in op_cpu.
+// One op on the GPU, on XLA's stream; shortcut, gamma, residual and grad_gamma as in op_cpu.
 ffi::Error op_cuda(void* stream, int32_t device, const ffi::AnyBuffer* shortcut,
-                   const ffi::AnyBuffer& input, const ffi::AnyBuffer& key, ffi::AnyBuffer& out,
-                   double p, int64_t axis, int64_t training, int64_t batch_mode, int64_t scaling) {
+                   const ffi::AnyBuffer& input, const ffi::AnyBuffer* gamma,
+                   const ffi::AnyBuffer& key, ffi::AnyBuffer& out, double p, int64_t axis,
+                   int64_t training, int64_t batch_mode, int64_t scaling,
+                   const ffi::AnyBuffer* residual = nullptr, ffi::AnyBuffer* grad_gamma = nullptr) {
   DropPathParams params;
   ffi::Error err =
       fill_params(params, shortcut, input, key, out, p, axis, training, batch_mode, scaling);
+  if (!err.success()) return err;
+  err = set_gamma(params, gamma, input, axis);
   if (!err.success()) return err;
   const void* words = key.untyped_data();
   if (reinterpret_cast<uintptr_t>(words) % alignof(uint64_t) != 0) {
     return ffi::Error::InvalidArgument("stochdepth: the key operand is not 8-byte aligned");
   }
   params.rng_words = static_cast<const uint64_t*>(words);
-  try {
-    g_entry.load()->drop_path(params, Device{DeviceKind::kCUDA, device}, stream);
-  } catch (const std::invalid_argument& e) {
-    return ffi::Error::InvalidArgument(std::string("stochdepth: ") + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("stochdepth: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return run(params, grad_gamma ? grad_gamma->untyped_data() : nullptr,
+             residual ? residual->untyped_data() : nullptr, Device{DeviceKind::kCUDA, device},
+             stream);
 }
 
 ffi::Error residual_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
                          ffi::AnyBuffer residual, ffi::AnyBuffer key,
                          ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                          int64_t batch_mode, int64_t scaling) {
-  return op_cuda(stream, device, &shortcut, residual, key, *out, p, axis, training, batch_mode,
-                 scaling);
+  return op_cuda(stream, device, &shortcut, residual, nullptr, key, *out, p, axis, training,
+                 batch_mode, scaling);
+}
+
+ffi::Error residual_gamma_cuda(void* stream, int32_t device, ffi::AnyBuffer shortcut,
+                               ffi::AnyBuffer residual, ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                               ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis,
+                               int64_t training, int64_t batch_mode, int64_t scaling) {
+  return op_cuda(stream, device, &shortcut, residual, &gamma, key, *out, p, axis, training,
+                 batch_mode, scaling);
 }
 
 ffi::Error scale_cuda(void* stream, int32_t device, ffi::AnyBuffer input, ffi::AnyBuffer key,
                       ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis, int64_t training,
                       int64_t batch_mode, int64_t scaling) {
-  return op_cuda(stream, device, nullptr, input, key, *out, p, axis, training, batch_mode, scaling);
+  return op_cuda(stream, device, nullptr, input, nullptr, key, *out, p, axis, training, batch_mode,
+                 scaling);
+}
+
+ffi::Error scale_gamma_cuda(void* stream, int32_t device, ffi::AnyBuffer input,
+                            ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                            ffi::Result<ffi::AnyBuffer> out, double p, int64_t axis,
+                            int64_t training, int64_t batch_mode, int64_t scaling) {
+  return op_cuda(stream, device, nullptr, input, &gamma, key, *out, p, axis, training, batch_mode,
+                 scaling);
+}
+
+ffi::Error backward_gamma_cuda(void* stream, int32_t device, ffi::AnyBuffer grad_out,
+                               ffi::AnyBuffer residual, ffi::AnyBuffer gamma, ffi::AnyBuffer key,
+                               ffi::Result<ffi::AnyBuffer> grad_residual,
+                               ffi::Result<ffi::AnyBuffer> grad_gamma, double p, int64_t axis,
+                               int64_t training, int64_t batch_mode, int64_t scaling) {
+  ffi::Error err = check_backward_gamma(grad_out, residual, gamma, *grad_gamma);
+  if (!err.success()) return err;
+  return op_cuda(stream, device, nullptr, grad_out, &gamma, key, *grad_residual, p, axis, training,
+                 batch_mode, scaling, &residual, &(*grad_gamma));
 }
 #endif  // STOCHDEPTH_JAX_CUDA
 
@@ -256,6 +361,30 @@ XLA_FFI_DEFINE_HANDLER(kScaleCpu, scale_cpu,
                                          .Arg<ffi::AnyBuffer>()     // key
                                          .Ret<ffi::AnyBuffer>()));  // out
 
+XLA_FFI_DEFINE_HANDLER(kResidualGammaCpu, residual_gamma_cpu,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Arg<ffi::AnyBuffer>()     // shortcut
+                                         .Arg<ffi::AnyBuffer>()     // residual
+                                         .Arg<ffi::AnyBuffer>()     // gamma
+                                         .Arg<ffi::AnyBuffer>()     // key
+                                         .Ret<ffi::AnyBuffer>()));  // out
+
+XLA_FFI_DEFINE_HANDLER(kScaleGammaCpu, scale_gamma_cpu,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Arg<ffi::AnyBuffer>()     // input
+                                         .Arg<ffi::AnyBuffer>()     // gamma
+                                         .Arg<ffi::AnyBuffer>()     // key
+                                         .Ret<ffi::AnyBuffer>()));  // out
+
+XLA_FFI_DEFINE_HANDLER(kBackwardGammaCpu, backward_gamma_cpu,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Arg<ffi::AnyBuffer>()     // grad_out
+                                         .Arg<ffi::AnyBuffer>()     // residual
+                                         .Arg<ffi::AnyBuffer>()     // gamma
+                                         .Arg<ffi::AnyBuffer>()     // key
+                                         .Ret<ffi::AnyBuffer>()     // grad_residual
+                                         .Ret<ffi::AnyBuffer>()));  // grad_gamma
+
 #if STOCHDEPTH_JAX_CUDA
 XLA_FFI_DEFINE_HANDLER(kResidualCuda, residual_cuda,
                        with_op_attrs(ffi::Ffi::Bind()
@@ -274,6 +403,39 @@ XLA_FFI_DEFINE_HANDLER(kScaleCuda, scale_cuda,
                                          .Arg<ffi::AnyBuffer>()    // input
                                          .Arg<ffi::AnyBuffer>()    // key
                                          .Ret<ffi::AnyBuffer>()),  // out
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(kResidualGammaCuda, residual_gamma_cuda,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Ctx<ffi::PlatformStream<void*>>()
+                                         .Ctx<ffi::DeviceOrdinal>()
+                                         .Arg<ffi::AnyBuffer>()    // shortcut
+                                         .Arg<ffi::AnyBuffer>()    // residual
+                                         .Arg<ffi::AnyBuffer>()    // gamma
+                                         .Arg<ffi::AnyBuffer>()    // key
+                                         .Ret<ffi::AnyBuffer>()),  // out
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(kScaleGammaCuda, scale_gamma_cuda,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Ctx<ffi::PlatformStream<void*>>()
+                                         .Ctx<ffi::DeviceOrdinal>()
+                                         .Arg<ffi::AnyBuffer>()    // input
+                                         .Arg<ffi::AnyBuffer>()    // gamma
+                                         .Arg<ffi::AnyBuffer>()    // key
+                                         .Ret<ffi::AnyBuffer>()),  // out
+                       {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER(kBackwardGammaCuda, backward_gamma_cuda,
+                       with_op_attrs(ffi::Ffi::Bind()
+                                         .Ctx<ffi::PlatformStream<void*>>()
+                                         .Ctx<ffi::DeviceOrdinal>()
+                                         .Arg<ffi::AnyBuffer>()    // grad_out
+                                         .Arg<ffi::AnyBuffer>()    // residual
+                                         .Arg<ffi::AnyBuffer>()    // gamma
+                                         .Arg<ffi::AnyBuffer>()    // key
+                                         .Ret<ffi::AnyBuffer>()    // grad_residual
+                                         .Ret<ffi::AnyBuffer>()),  // grad_gamma
                        {ffi::Traits::kCmdBufferCompatible});
 #endif  // STOCHDEPTH_JAX_CUDA
 
@@ -305,13 +467,22 @@ PYBIND11_MODULE(_jax_ffi, m) {
       [](const std::string& platform) {
         XLA_FFI_Handler* residual = nullptr;
         XLA_FFI_Handler* scale = nullptr;
+        XLA_FFI_Handler* residual_gamma = nullptr;
+        XLA_FFI_Handler* scale_gamma = nullptr;
+        XLA_FFI_Handler* backward_gamma = nullptr;
         if (platform == "cpu") {
           residual = kResidualCpu;
           scale = kScaleCpu;
+          residual_gamma = kResidualGammaCpu;
+          scale_gamma = kScaleGammaCpu;
+          backward_gamma = kBackwardGammaCpu;
 #if STOCHDEPTH_JAX_CUDA
         } else if (platform == "CUDA") {
           residual = kResidualCuda;
           scale = kScaleCuda;
+          residual_gamma = kResidualGammaCuda;
+          scale_gamma = kScaleGammaCuda;
+          backward_gamma = kBackwardGammaCuda;
 #endif
         } else {
           throw std::invalid_argument("stochdepth._jax_ffi has no handlers for platform '" +
@@ -320,6 +491,9 @@ PYBIND11_MODULE(_jax_ffi, m) {
         py::dict d;
         d["stochdepth_residual"] = py::capsule(reinterpret_cast<void*>(residual));
         d["stochdepth_scale"] = py::capsule(reinterpret_cast<void*>(scale));
+        d["stochdepth_residual_gamma"] = py::capsule(reinterpret_cast<void*>(residual_gamma));
+        d["stochdepth_scale_gamma"] = py::capsule(reinterpret_cast<void*>(scale_gamma));
+        d["stochdepth_backward_gamma"] = py::capsule(reinterpret_cast<void*>(backward_gamma));
         return d;
       },
       py::arg("platform") = "cpu");

@@ -31,7 +31,8 @@ import stochdepth.jax as sdj  # noqa: E402
 from stochdepth.jax import _ffi  # noqa: E402
 
 GPU_SKIP = "no JAX GPU backend (jax[cuda12]) here"
-TARGETS = ("stochdepth_residual", "stochdepth_scale")  # sorted
+TARGETS = ("stochdepth_backward_gamma", "stochdepth_residual", "stochdepth_residual_gamma",
+           "stochdepth_scale", "stochdepth_scale_gamma")  # sorted
 
 
 def _capsule_pointer(capsule):
@@ -96,7 +97,7 @@ def test_cuda_handlers_exist_exactly_in_a_cuda_build():
         gpu = module.handlers("CUDA")
         assert tuple(sorted(gpu)) == TARGETS
         pointers = {_capsule_pointer(c) for c in (*cpu.values(), *gpu.values())}
-        assert len(pointers) == 4 and None not in pointers  # four distinct handlers
+        assert len(pointers) == 2 * len(TARGETS) and None not in pointers  # all distinct
     else:
         with pytest.raises(ValueError, match="no handlers for platform 'CUDA'"):
             module.handlers("CUDA")

@@ -126,14 +126,23 @@ def _static(config, axis):
             int(config.scaling == "training"))
 
 
-def _run(shortcut, residual, words, config, donate=False):
-    """The op on checked arrays (jnp arrays; shortcut None for the single-input form)."""
+def _run(shortcut, residual, words, config, donate=False, gamma=None):
+    """The op on checked arrays (jnp arrays; shortcut None for the single-input form, gamma None
+    for the op without the layer scale)."""
+    name = "x" if shortcut is None else "residual"
+    pair = None if shortcut is None else (_dtype_name(shortcut), tuple(shortcut.shape))
+    ax = _op.check_arrays(name, _dtype_name(residual), tuple(residual.shape), config.axis, pair)
+    if gamma is not None:
+        _op.check_gamma(_dtype_name(gamma), tuple(gamma.shape), name, _dtype_name(residual),
+                        tuple(residual.shape), ax)
+    cfg = _static(config, ax)
     if shortcut is None:
-        ax = _op.check_arrays("x", _dtype_name(residual), tuple(residual.shape), config.axis)
-        return _ops.scale_op(residual, words, _static(config, ax))
-    ax = _op.check_arrays("residual", _dtype_name(residual), tuple(residual.shape), config.axis,
-                          (_dtype_name(shortcut), tuple(shortcut.shape)))
-    return _ops.residual_op(shortcut, residual, words, _static(config, ax), donate)
+        if gamma is None:
+            return _ops.scale_op(residual, words, cfg)
+        return _ops.scale_gamma_op(residual, gamma, words, cfg)
+    if gamma is None:
+        return _ops.residual_op(shortcut, residual, words, cfg, donate)
+    return _ops.residual_gamma_op(shortcut, residual, gamma, words, cfg, donate)
 
 
 def _words(seed, offset, training):
@@ -142,25 +151,29 @@ def _words(seed, offset, training):
     return jnp.zeros((4,), jnp.uint32)  # not read at inference
 
 
-def apply(shortcut, residual, words, config, *, donate_shortcut=False):
+def apply(shortcut, residual, words, config, *, donate_shortcut=False, gamma=None):
     """The op for a caller that holds its key words already (the Keras layer on the JAX backend).
 
     `words` is the uint32[4] operand [seed_lo, seed_hi, offset_lo, offset_hi] (`key_words`
     makes it; traced is fine; not read at inference), `config` a validated
     `stochdepth._op.OpConfig`. `shortcut` None is the single-input form (`drop_path`). The
-    arrays and `donate_shortcut` are checked as in `stochastic_depth`.
+    arrays, `gamma` and `donate_shortcut` are checked as in `stochastic_depth`.
     """
     donate = _op.check_flag("donate_shortcut", donate_shortcut)
     if donate and shortcut is None:
         raise ValueError("donate_shortcut=True needs a shortcut (drop_path has none)")
     residual = jnp.asarray(residual)
     shortcut = None if shortcut is None else jnp.asarray(shortcut)
-    return _run(shortcut, residual, words, config, donate)
+    if gamma is not None:
+        gamma = _as_array(gamma, "gamma must be an array")
+    return _run(shortcut, residual, words, config, donate, gamma)
 
 
 def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, training=True,
-                     mode="row", axis=0, scaling="inference", donate_shortcut=False):
-    """``shortcut + keep * s * residual`` (training) or ``shortcut + c * residual`` (inference).
+                     mode="row", axis=0, scaling="inference", donate_shortcut=False,
+                     gamma=None):
+    """``shortcut + keep * s * residual`` (training) or ``shortcut + c * residual`` (inference);
+    with `gamma`, ``shortcut + keep * s * (gamma * residual)``.
 
     Args:
         shortcut, residual: JAX arrays of the same shape and dtype (float16, bfloat16, float32,
@@ -180,22 +193,28 @@ def stochastic_depth(shortcut, residual, survival_prob, *, seed=None, offset=0, 
             same jitted function and read by nothing after this op. Elsewhere XLA copies the
             shortcut first, which costs more than the default. The values are the same either
             way (docs/design.md, "XLA:CPU buffers").
+        gamma: an optional layer scale (LayerScale) of shape (C,), C the last axis, the inputs'
+            dtype; the sample axis must not be the last one. The op is then fused as
+            docs/design.md, "Layer scale" pins it (bit for bit `stochdepth.reference.forward(...,
+            gamma=)`), and the gradient in gamma comes from the same backward call as the one in
+            residual.
 
     The mask equals `stochdepth.mask(batch, p, seed=..., offset=..., mode=mode)`; a dropped
-    sample is the shortcut bit for bit and its residual is not read. Differentiable in shortcut
-    and residual.
+    sample is the shortcut bit for bit and its residual is not read. Differentiable in shortcut,
+    residual and gamma.
     """
     config = OpConfig(survival_prob, mode, axis, scaling, training)
     shortcut = jnp.asarray(shortcut)  # None is an error here, as JAX reads it: not drop_path
     return apply(shortcut, residual, _words(seed, offset, config.training), config,
-                 donate_shortcut=donate_shortcut)
+                 donate_shortcut=donate_shortcut, gamma=gamma)
 
 
 def drop_path(x, survival_prob, *, seed=None, offset=0, training=True, mode="row", axis=0,
-              scaling="inference"):
-    """The single-input form: ``keep * s * x`` (training) or ``c * x`` (inference).
+              scaling="inference", gamma=None):
+    """The single-input form: ``keep * s * x`` (training) or ``c * x`` (inference); with
+    `gamma`, ``keep * s * (gamma * x)``.
 
     Same arguments and mask as `stochastic_depth`; a dropped sample is exact zeros.
     """
     config = OpConfig(survival_prob, mode, axis, scaling, training)
-    return apply(None, x, _words(seed, offset, config.training), config)
+    return apply(None, x, _words(seed, offset, config.training), config, gamma=gamma)

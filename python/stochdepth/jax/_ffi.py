@@ -22,7 +22,8 @@ from .. import _core
 
 # The oldest jaxlib the handlers are written for (cmake/jax_ffi.cmake states the same).
 MIN_JAXLIB = "0.5.0"
-TARGETS = ("stochdepth_residual", "stochdepth_scale")
+TARGETS = ("stochdepth_residual", "stochdepth_scale", "stochdepth_residual_gamma",
+           "stochdepth_scale_gamma", "stochdepth_backward_gamma")
 
 
 def _version_tuple(text):

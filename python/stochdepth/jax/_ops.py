@@ -84,3 +84,56 @@ def _scale_bwd(cfg, key, g):
 
 
 scale_op.defvjp(_scale_fwd, _scale_bwd)
+
+
+# ---- with the layer scale gamma (docs/design.md, "Layer scale")
+#
+# The backward pass needs the forward's residual (grad_gamma sums (s * g) * residual over the
+# kept rows): it and gamma are saved with the key, and one call of the core gives grad_residual
+# and grad_gamma together.
+
+
+def _backward_gamma(g, residual, gamma, key, cfg):
+    call = jax.ffi.ffi_call(
+        "stochdepth_backward_gamma",
+        (jax.ShapeDtypeStruct(g.shape, g.dtype), jax.ShapeDtypeStruct(gamma.shape, gamma.dtype)),
+        vmap_method="sequential",
+    )
+    return call(g, residual, gamma, key, **_attrs(cfg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def residual_gamma_op(shortcut, residual, gamma, key, cfg, donate):
+    return _call("stochdepth_residual_gamma", residual, (shortcut, residual, gamma, key), cfg,
+                 {0: 0} if donate else None)
+
+
+def _residual_gamma_fwd(shortcut, residual, gamma, key, cfg, donate):
+    return residual_gamma_op(shortcut, residual, gamma, key, cfg, donate), (residual, gamma, key)
+
+
+def _residual_gamma_bwd(cfg, donate, saved, g):
+    residual, gamma, key = saved
+    g_res, g_gamma = _backward_gamma(g, residual, gamma, key, cfg)
+    return g, g_res, g_gamma, _float0_like(key)
+
+
+residual_gamma_op.defvjp(_residual_gamma_fwd, _residual_gamma_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def scale_gamma_op(x, gamma, key, cfg):
+    return _call("stochdepth_scale_gamma", x, (x, gamma, key), cfg)
+
+
+def _scale_gamma_fwd(x, gamma, key, cfg):
+    return scale_gamma_op(x, gamma, key, cfg), (x, gamma, key)
+
+
+def _scale_gamma_bwd(cfg, saved, g):
+    x, gamma, key = saved
+    g_x, g_gamma = _backward_gamma(g, x, gamma, key, cfg)
+    return g_x, g_gamma, _float0_like(key)
+
+
+scale_gamma_op.defvjp(_scale_gamma_fwd, _scale_gamma_bwd)

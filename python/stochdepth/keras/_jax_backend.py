@@ -12,16 +12,16 @@ from __future__ import annotations
 from .._op import split64
 
 
-def call(layer, shortcut, residual, config):
-    """The layer's output for `config` (an OpConfig the layer made for this call); the arrays
-    are checked by `stochdepth.jax.apply`, once."""
+def call(layer, shortcut, residual, config, gamma=None):
+    """The layer's output for `config` (an OpConfig the layer made for this call) and its layer
+    scale `gamma` (None without one); the arrays are checked by `stochdepth.jax.apply`, once."""
     # Imported on first use: importing stochdepth.keras never imports jax itself.
     import jax.numpy as jnp
 
     import stochdepth.jax as sdj
 
     if not config.training:
-        return sdj.apply(shortcut, residual, jnp.zeros((4,), jnp.uint32), config)
+        return sdj.apply(shortcut, residual, jnp.zeros((4,), jnp.uint32), config, gamma=gamma)
     state = layer._seed_words()
     seed_lo = state[0].astype(jnp.uint32)
     step = state[1]
@@ -30,4 +30,4 @@ def call(layer, shortcut, residual, config):
     else:
         off_lo, off_hi = step.astype(jnp.uint32), jnp.uint32(0)
     words = jnp.stack([seed_lo, jnp.uint32(layer._seed_hi), off_lo, off_hi])
-    return sdj.apply(shortcut, residual, words, config)
+    return sdj.apply(shortcut, residual, words, config, gamma=gamma)

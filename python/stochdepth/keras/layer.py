@@ -7,6 +7,11 @@ draws per token for rank 3 and fails for rank 5); `seed=0` is a seed; a jitted t
 draws a fresh mask each step, seeded or not; a dropped sample is the shortcut exactly, its
 residual unread (kerasfactory's `shortcut + 0 * residual` turns Inf into NaN).
 
+With `layer_scale=init` the layer owns a trainable `gamma` of the last axis's width (LayerScale,
+docs/design.md, "Layer scale"): `shortcut + keep * s * (gamma * residual)`, the fused op on the
+JAX backend (`stochdepth.jax.apply(..., gamma=)`) and the torch backend
+(`stochdepth.torch.stochastic_depth(..., gamma=)`), and the same bits from keras.ops elsewhere.
+
 On the torch backend the layer calls `stochdepth.torch.stochastic_depth`, on the JAX backend
 `stochdepth.jax.apply` (`_jax_backend.py`) and on the TensorFlow backend
 `stochdepth.tensorflow.apply` (`_tf_backend.py`, where this build has the TensorFlow ops): the
@@ -20,6 +25,8 @@ Training call n uses the mask `stochdepth.mask(batch, p, seed=seed, offset=n)` o
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import keras
 import numpy as np
@@ -30,6 +37,7 @@ from .._op import (
     OpConfig,
     check_arrays,
     check_axis,
+    check_gamma,
     check_mode,
     check_prob,
     check_scaling,
@@ -55,6 +63,15 @@ def _seed_state_value(seed_lo, dtype):
     if keras.backend.standardize_dtype(dtype) == "int32":  # torch: the bit pattern of a uint32
         return (seed_lo ^ 0x80000000) - 0x80000000
     return seed_lo
+
+
+def _check_layer_scale(value):
+    """layer_scale: a finite real number (gamma's initial value)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"layer_scale must be a real number or None, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"layer_scale must be finite, got {value!r}")
+    return float(value)
 
 
 def _compute_dtype(dtype):
@@ -91,6 +108,9 @@ class StochasticDepth(keras.layers.Layer):
         mode: "row" (one draw per sample) or "batch" (one draw for the whole batch).
         scaling: "inference" or "training", as above.
         axis: the sample axis of the inputs (default 0); negative values count from the end.
+        layer_scale: None, or the initial value of a trainable layer scale `gamma` of shape
+            (C,), C the inputs' last axis (created in `build`; the sample axis must not be the
+            last one): the residual is scaled by gamma first (docs/design.md, "Layer scale").
         **kwargs: standard `keras.layers.Layer` arguments (name, dtype, ...).
 
     Raises:
@@ -100,7 +120,7 @@ class StochasticDepth(keras.layers.Layer):
     """
 
     def __init__(self, survival_prob=0.5, seed=None, *, mode="row", scaling="inference",
-                 axis=0, **kwargs):
+                 axis=0, layer_scale=None, **kwargs):
         super().__init__(**kwargs)
         # The survival_prob as given (a NumPy scalar made a Python number): get_config() keeps it.
         self.survival_prob = check_prob("survival_prob", survival_prob)
@@ -108,6 +128,8 @@ class StochasticDepth(keras.layers.Layer):
         self.mode = check_mode(mode)
         self.scaling = check_scaling(scaling)
         self.axis = check_axis(axis)
+        self.layer_scale = None if layer_scale is None else _check_layer_scale(layer_scale)
+        self.gamma = None
         # The TensorFlow ops have no XLA kernel: Keras leaves XLA off for a model with this layer
         # (jit_compile="auto"), and turns an explicit jit_compile=True off with a warning.
         self._use_tf_ops = keras.backend.backend() == "tensorflow" and _tf_backend.available()
@@ -128,7 +150,21 @@ class StochasticDepth(keras.layers.Layer):
                 state = self.seed_generator.state
                 word = _seed_state_value(seed_lo, state.dtype)
                 state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
-        self.built = True
+        # Without a layer scale there is nothing to build (and nothing to save but the state).
+        self.built = self.layer_scale is None
+
+    def build(self, input_shape):
+        if self.layer_scale is None:
+            return
+        if (not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2
+                or not all(isinstance(s, (list, tuple)) for s in input_shape)):
+            raise ValueError("inputs must be a list of [shortcut, residual]")
+        width = input_shape[0][-1] if len(input_shape[0]) else None
+        if width is None:
+            raise ValueError(f"layer_scale needs the last axis (the channels) of the inputs to "
+                             f"be known, got shape {tuple(input_shape[0])}")
+        self.gamma = self.add_weight(name="gamma", shape=(int(width),),
+                                     initializer=keras.initializers.Constant(self.layer_scale))
 
     # -- call
 
@@ -140,32 +176,49 @@ class StochasticDepth(keras.layers.Layer):
         residual = ops.convert_to_tensor(residual)
         # This call's config, from the layer's attributes: validated here, once.
         config = OpConfig(self.survival_prob, self.mode, self.axis, self.scaling, bool(training))
+        gamma = self._gamma_like(residual)
         if keras.backend.backend() == "jax":
-            return _jax_backend.call(self, shortcut, residual, config)  # checks the arrays
-        if self._use_tf_ops and not _tf_backend.in_xla_context():
+            # checks the arrays and gamma
+            return _jax_backend.call(self, shortcut, residual, config, gamma)
+        if gamma is None and self._use_tf_ops and not _tf_backend.in_xla_context():
             return _tf_backend.call(self, shortcut, residual, config)  # checks the arrays
-        axis = self._check_inputs(shortcut, residual, config.axis)
+        axis = self._check_inputs(shortcut, residual, config.axis, gamma)
         if keras.backend.backend() == "torch":
-            return self._call_torch(shortcut, residual, config)
-        return self._call_ops(shortcut, residual, config, axis)
+            return self._call_torch(shortcut, residual, config, gamma)
+        return self._call_ops(shortcut, residual, config, axis, gamma)
+
+    def _gamma_like(self, residual):
+        """gamma as a tensor of the inputs' dtype (Keras's autocast under a mixed precision
+        policy, and differentiable), or None without a layer scale."""
+        if self.gamma is None:
+            return None
+        g = ops.convert_to_tensor(self.gamma)
+        std = keras.backend.standardize_dtype
+        return g if std(g.dtype) == std(residual.dtype) else ops.cast(g, residual.dtype)
 
     @staticmethod
-    def _check_inputs(shortcut, residual, axis):
-        """The two inputs' dtypes and shapes (None dimensions are unknown until run time);
-        returns the axis as an index."""
+    def _check_inputs(shortcut, residual, axis, gamma=None):
+        """The two inputs' dtypes and shapes (None dimensions are unknown until run time), and
+        gamma's against them; returns the axis as an index."""
         std = keras.backend.standardize_dtype
-        return check_arrays("residual", std(residual.dtype), tuple(residual.shape), axis,
-                            (std(shortcut.dtype), tuple(shortcut.shape)))
+        ax = check_arrays("residual", std(residual.dtype), tuple(residual.shape), axis,
+                          (std(shortcut.dtype), tuple(shortcut.shape)))
+        if gamma is not None:
+            check_gamma(std(gamma.dtype), tuple(gamma.shape), "residual", std(residual.dtype),
+                        tuple(residual.shape), ax)
+        return ax
 
     def _seed_words(self):
         """The (seed_lo, offset) state of this training call, advancing the step."""
         return self.seed_generator.next()
 
-    def _call_ops(self, shortcut, residual, config, axis):
+    def _call_ops(self, shortcut, residual, config, axis, gamma=None):
         dtype = keras.backend.standardize_dtype(shortcut.dtype)
         ct = _compute_dtype(dtype)
         sc = ops.cast(shortcut, ct) if ct != dtype else shortcut
         res = ops.cast(residual, ct) if ct != dtype else residual
+        if gamma is not None:  # t = gamma * residual in the compute type ("Layer scale")
+            res = ops.multiply(ops.cast(gamma, ct) if ct != dtype else gamma, res)
         if not config.training:
             c = config.inference_scale
             out = sc + ops.multiply(_scalar(c, ct), res) if c != 1.0 else sc + res
@@ -192,12 +245,15 @@ class StochasticDepth(keras.layers.Layer):
         out = ops.where(keep, kept, sc)
         return ops.cast(out, dtype) if ct != dtype else out
 
-    def _call_torch(self, shortcut, residual, config):
-        sd_torch = _torch_module()
+    def _call_torch(self, shortcut, residual, config, gamma=None):
+        kw = {} if gamma is None else {"gamma": gamma}
+        return self._call_torch_op(_torch_module(), shortcut, residual, config, kw)
+
+    def _call_torch_op(self, sd_torch, shortcut, residual, config, kw):
         if not config.training:
             return sd_torch.stochastic_depth(
                 shortcut, residual, config.survival_prob, training=False, mode=config.mode,
-                scaling=config.scaling, axis=config.axis,
+                scaling=config.scaling, axis=config.axis, **kw,
             )
         # The state lives on the CPU; advance it there too (its increment would otherwise be
         # created on Keras's default device, a GPU when there is one).
@@ -208,7 +264,7 @@ class StochasticDepth(keras.layers.Layer):
             scaling=config.scaling, axis=config.axis, seed=join64(seed_lo, self._seed_hi),
             offset=offset & LO32,
             # The mask is the layer's (seed, step) on every rank, as on the other backends.
-            sync_across_ranks=True,
+            sync_across_ranks=True, **kw,
         )
 
     # -- saved state: the mask sequence continues after model.save + load_model
@@ -221,8 +277,11 @@ class StochasticDepth(keras.layers.Layer):
         store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(self.seed_generator.state))
 
     def load_own_variables(self, store):
-        # The layer has no variables of its own (built in __init__ with none), so the store
-        # holds only the state; a file saved before the state was saved restarts at step 0.
+        # The variables by index as Keras saves them (gamma, with a layer scale), and the seed
+        # state beside them (the base class would count the state as one variable too many); a
+        # file saved before the state was saved restarts at step 0.
+        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
+            v.assign(store[f"{i}"])
         if _STATE_KEY not in store:
             return
         saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
@@ -247,6 +306,7 @@ class StochasticDepth(keras.layers.Layer):
                 "mode": self.mode,
                 "scaling": self.scaling,
                 "axis": self.axis,
+                "layer_scale": self.layer_scale,
             }
         )
         return config

@@ -19,8 +19,6 @@ SeedGenerator state [seed & 0xFFFFFFFF, step] saved with the model.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 
 import keras
 import numpy as np
@@ -31,6 +29,7 @@ from .._op import LO32, OpConfig, check_mode, check_prob, check_scaling, join64,
 from ._philox import keep_mask
 from .layer import (
     _STATE_KEY,
+    _check_layer_scale,
     _check_seed,
     _compute_dtype,
     _low_word,
@@ -263,15 +262,6 @@ class StochasticDepthNorm(keras.layers.Layer):
             "scaling": self.scaling,
         })
         return config
-
-
-def _check_layer_scale(value):
-    """layer_scale: a finite real number (gamma's initial value)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"layer_scale must be a real number or None, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"layer_scale must be finite, got {value!r}")
-    return float(value)
 
 
 def _row_sum(x):
