@@ -19,6 +19,7 @@ from stochdepth.bench import (
     ceiling,
     cpu_rows,
     cuda_rows,
+    fused_rows,
     jax_rows,
     keras_model_rows,
     keras_rows,
@@ -37,8 +38,8 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 # The rows of the tables, in their order: the library's, then the anchors.
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
-SECTIONS = [keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION, keras_model_rows.SECTION,
-            model_rows.SECTION]
+SECTIONS = [fused_rows.SECTION, keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION,
+            keras_model_rows.SECTION, model_rows.SECTION]
 
 
 def _plan(args):
@@ -305,6 +306,9 @@ def parse_args(argv=None):
                     help="skip the Keras rows (stochdepth.keras vs kerasfactory, torch backend)")
     ap.add_argument("--no-tf", action="store_true",
                     help="skip the Keras-on-TensorFlow rows (stochdepth.keras vs kerasfactory)")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="skip the fused ops section (layer scale and the pre-norm tail vs the "
+                         "unfused sequence)")
     ap.add_argument("--no-model", action="store_true",
                     help="skip the model section (train steps of timm-structured block stacks)")
     ap.add_argument("--model-cases", default=None, metavar="LIST",

@@ -22,7 +22,9 @@ Why the donated and block rows: docs/design.md, "XLA:CPU buffers".
 
 `keras_jax_rows(shape, dtype, p, reps)`: the Keras layer on the JAX backend, stochdepth.keras
 vs kerasfactory 0.1.1 (seeded, so that jit can trace it; rank 4, as in keras_rows), as a jitted
-`stateless_call` (forward) and its vjp (forward+backward); in a subprocess with
+`stateless_call` (forward) and its vjp (forward+backward; and "forward+backward, g donated",
+the vjp with the cotangent donated: without it XLA copies the cotangent into a fresh buffer as
+the shortcut's gradient, a copy that a train step does not make); in a subprocess with
 KERAS_BACKEND=jax unless this process's Keras already is on JAX.
 
 Rows: impl, op, shape, dtype, p, device ("cpu"), backend ("jax"), reps, median_ms, min_ms,
@@ -48,7 +50,7 @@ CASE = (128, 197, 768)  # the issue's ViT-B/16 block, batch 128
 QUICK_CASE = (16, 197, 64)
 QUICK_KERAS_CASE = (4, 16, 16, 32)  # rank 4: the one rank where kerasfactory draws per sample
 OPS = ("forward", "forward+backward", "block forward")
-KERAS_OPS = ("forward", "forward+backward")
+KERAS_OPS = ("forward", "forward+backward", "forward+backward, g donated")
 BRANCH_RANK = 16  # the block's branch: (x @ A) @ B, A of shape (C, 16), B of shape (16, C)
 
 
@@ -208,8 +210,24 @@ def _layer_ops(make_layer):
         if op == "forward":
             jf = jax.jit(f)
             return (lambda: jf(a, b).block_until_ready()), None
-        jf = jax.jit(lambda a, b, g: jax.vjp(f, a, b)[1](g))
-        return (lambda: jax.block_until_ready(jf(a, b, g))), None
+        def vjp(a, b, g):
+            return jax.vjp(f, a, b)[1](g)
+
+        if op == "forward+backward":
+            jf = jax.jit(vjp)
+            return (lambda: jax.block_until_ready(jf(a, b, g))), None
+        # The shortcut's gradient is the cotangent itself. Returned from a jitted function that
+        # does not own it, XLA copies it into a fresh buffer; inside a train step it is an
+        # intermediate XLA owns and forwards. Donating the cotangent (a fresh copy per call, made
+        # untimed) gives both layers that train-step view.
+        jf = jax.jit(vjp, donate_argnums=2)
+
+        def fresh():
+            x = d.jax.numpy.array(g, copy=True)
+            x.block_until_ready()
+            return (x,)
+
+        return (lambda x: jax.block_until_ready(jf(a, b, x))), fresh
 
     return {op: (lambda d, op=op: build(d, op)) for op in KERAS_OPS}
 

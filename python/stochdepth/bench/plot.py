@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from stochdepth.bench.model_rows import add_plot_panel
+from stochdepth.bench import fused_rows, model_rows
 
 __all__ = ["check_plot_path", "figure", "write_plot"]
 
@@ -32,10 +32,15 @@ def figure(results):
     cases = [c for c in results.get("cases", []) if c.get("ops")]
     titles = [f"{c['name']}: {tuple(c['shape'])} {c['dtype']}"
               + (" (partly fits in cache)" if c.get("fits_in_cache") else "") for c in cases]
+    has_fused = bool((results.get("fused") or {}).get("cases"))  # the fused ops' panel
     has_model = bool((results.get("model") or {}).get("cases"))  # the model section's panel
+    if has_fused or has_model:
+        titles = titles or ["no cases"]
+    if has_fused:
+        titles.append("fused ops: % of the copy-bandwidth ceiling (same rounds)")
     if has_model:
-        titles = (titles or ["no cases"]) + ["model train steps: x vs timm formula (same run)"]
-    panels = max(len(cases), 1) + has_model
+        titles.append("model train steps: x vs timm formula (same run)")
+    panels = max(len(cases), 1) + has_fused + has_model
     fig = make_subplots(rows=panels, cols=1, subplot_titles=titles or ["no cases"],
                         vertical_spacing=0.25 / panels)
     import plotly.graph_objects as go
@@ -60,8 +65,10 @@ def figure(results):
             shown.add(label)
         fig.add_hline(y=100, line_dash="dash", line_color="black", row=i, col=1)
         fig.update_yaxes(title_text="% of ceiling", row=i, col=1)
+    if has_fused:
+        fused_rows.add_plot_panel(fig, results, panels - has_model)
     if has_model:
-        add_plot_panel(fig, results, panels)
+        model_rows.add_plot_panel(fig, results, panels)
     device = results.get("device", "?")
     machine = results.get("machine", {})
     where = (machine.get("gpu", {}).get("name") if device == "cuda"
