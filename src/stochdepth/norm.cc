@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "drop_path.h"
 #include "norm_kernels.h"
 #include "thread_pool.h"
 
@@ -80,8 +81,12 @@ void norm_forward(const NormParams& p, Device device, void* stream) {
   const std::vector<uint8_t> keep = cpu_mask(p);
   // Rows are independent and each is computed whole by one thread: the result does not depend
   // on the split.
-  parallel_for(rows, 1, threads_for(4 * rows * row_bytes(p)),
-               [&](int64_t begin, int64_t end) { k.forward_rows(p, keep.data(), begin, end); });
+  // Outputs past the store threshold are written with non-temporal stores, as the op's are.
+  const int64_t moved = 4 * rows * row_bytes(p);
+  const bool nontemporal = moved >= cpu_stream_threshold_bytes();
+  parallel_for(rows, 1, threads_for(moved), [&](int64_t begin, int64_t end) {
+    k.forward_rows(p, keep.data(), begin, end, nontemporal);
+  });
 }
 
 void norm_backward(const NormParams& p, Device device, void* stream) {
@@ -103,11 +108,14 @@ void norm_backward(const NormParams& p, Device device, void* stream) {
   const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(blocks, (int64_t{1} << 20) / c));
   std::vector<unsigned char> partials(static_cast<size_t>(wave * 3 * c) * compute_size);
   std::vector<unsigned char> totals(static_cast<size_t>(3 * c) * compute_size, 0);  // +0
-  const int threads = threads_for(6 * rows * row_bytes(p));
+  const int64_t moved = 6 * rows * row_bytes(p);
+  const int threads = threads_for(moved);
+  const bool nontemporal = moved >= cpu_stream_threshold_bytes();
   for (int64_t first = 0; first < blocks; first += wave) {
     const int64_t count = std::min(wave, blocks - first);
     parallel_for(count, 1, threads, [&](int64_t begin, int64_t end) {
-      k.backward_blocks(p, keep.data(), first + begin, first + end, first, partials.data());
+      k.backward_blocks(p, keep.data(), first + begin, first + end, first, partials.data(),
+                        nontemporal);
     });
     k.add_partials(p, partials.data(), count, totals.data());
   }

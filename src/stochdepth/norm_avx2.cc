@@ -2,6 +2,8 @@
 // own namespace so that nothing compiled for one ISA reaches another (docs/design.md, "CPU
 // kernels, threads and memory"). Compiled with -mavx2 -mfma -mf16c (cmake/core.cmake); isa.cc picks
 // it only on CPUs that run AVX2.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

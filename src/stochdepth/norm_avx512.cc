@@ -2,6 +2,8 @@
 // own namespace so that nothing compiled for one ISA reaches another (docs/design.md, "CPU
 // kernels, threads and memory"). Compiled with the AVX-512 F/BW/DQ/VL flags (cmake/core.cmake);
 // also the table of the avx512_bf16 ISA.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -10,11 +10,13 @@ namespace stochdepth {
 
 struct NormKernels {
   // Rows [begin, end) of the forward pass. keep[b] per sample (nullptr at inference).
-  void (*forward_rows)(const NormParams& params, const uint8_t* keep, int64_t begin, int64_t end);
+  // `stream`: non-temporal stores of the row outputs (the CPU store policy).
+  void (*forward_rows)(const NormParams& params, const uint8_t* keep, int64_t begin, int64_t end,
+                       bool stream);
   // Row blocks [begin, end) of the backward pass: the row outputs, and each block's column sums
   // into `partials` (compute type, [block - first][3][width]: weight, bias, gamma).
   void (*backward_blocks)(const NormParams& params, const uint8_t* keep, int64_t begin, int64_t end,
-                          int64_t first, void* partials);
+                          int64_t first, void* partials, bool stream);
   // totals[k][i] += partials[blk][k][i] for blk in [0, blocks), in block order.
   void (*add_partials)(const NormParams& params, const void* partials, int64_t blocks,
                        void* totals);
