@@ -36,6 +36,7 @@ def test_the_section_times_every_op_and_pass_against_the_ceiling(tmp_path, capsy
         assert c["vs_compile"] is None
         elem = 4 if c["dtype"] == "float32" else 2
         n = elem * 16 * 17 * 64
+        assert c["grad_shortcut_copy"] is False  # tiny tensors: grad_out handed back as is
         assert c["bytes"] == fused_rows.op_bytes(c["op"], c["pass"], 0.8) * n
         assert c["ceiling_ms"] == pytest.approx(c["bytes"] / (c["copy_gbps"] * 1e9) * 1e3)
         assert c["pct_ceiling"] == pytest.approx(100 * c["ceiling_ms"] / ours)
@@ -50,6 +51,7 @@ def test_the_section_times_every_op_and_pass_against_the_ceiling(tmp_path, capsy
 def test_op_bytes_count_the_fused_ops_traffic():
     assert fused_rows.op_bytes("layer scale", "forward", 0.8) == pytest.approx(2.8)
     assert fused_rows.op_bytes("layer scale", "backward", 0.5) == pytest.approx(2.5)
+    assert fused_rows.op_bytes("layer scale", "backward", 0.5, True) == pytest.approx(4.5)
     assert fused_rows.op_bytes("layer norm", "forward", 1.0) == pytest.approx(4.0)
     assert fused_rows.op_bytes("rms norm", "backward", 0.8) == pytest.approx(5.8)
 
