@@ -39,7 +39,7 @@ def test_keras_jax_rows_tiny():
     rows = keras_jax_rows((4, 2, 2, 8), "float32", 0.8, 2)
     assert [(r["impl"], r["op"]) for r in rows] == [
         (impl, op) for impl in ("stochdepth.keras", "kerasfactory")
-        for op in ("forward", "forward+backward")
+        for op in ("forward", "forward+backward", "forward+backward, g donated")
     ]
     for row in rows:
         if row["impl"] == "kerasfactory" and not HAS_KERASFACTORY:
