@@ -65,6 +65,58 @@ def _seed_state_value(seed_lo, dtype):
     return seed_lo
 
 
+def _state_device():
+    """Where the seed state lives: the CPU on torch (the kernels take (seed, offset) as host
+    integers, so reading the state is no device sync), the default device elsewhere."""
+    return keras.device("cpu") if keras.backend.backend() == "torch" else contextlib.nullcontext()
+
+
+def _assign_state(state, seed_lo, step):
+    with _state_device():
+        value = np.array([_seed_state_value(seed_lo, state.dtype), step])
+        state.assign(ops.convert_to_tensor(value, dtype=state.dtype))
+
+
+def _seed_generator(seed):
+    """(SeedGenerator, the seed's high word) of a layer with this seed (None: unseeded).
+
+    The state is [seed & 0xFFFFFFFF, step]: SeedGenerator.next() returns it and advances the
+    step. A seed's high word never changes, so it stays a constant of the layer. The seed word is
+    set here rather than through SeedGenerator(seed): the state dtype is int32 on some backends
+    (torch), where a word >= 2**31 must be stored as its bit pattern."""
+    seed_lo, seed_hi = split64(0 if seed is None else seed)
+    with _state_device():
+        generator = keras.random.SeedGenerator(None if seed is None else 0)
+    if seed is not None:
+        _assign_state(generator.state, seed_lo, 0)
+    return generator, seed_hi
+
+
+def _save_seed_state(layer, store):
+    """Saves the seed generator's state [seed word, step] with the model (Keras saves only
+    trainable and non-trainable variables, not seed generators), so that a loaded model draws
+    the masks the saved one would have drawn next."""
+    store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(layer.seed_generator.state))
+
+
+def _load_seed_state(layer, store):
+    """The state _save_seed_state saved, on any backend, rewritten in this backend's state dtype
+    (int32 on torch stores the word as its bit pattern); a file saved before the state was saved
+    restarts at step 0."""
+    if _STATE_KEY not in store:
+        return
+    saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
+    _assign_state(layer.seed_generator.state, int(saved[0]) & LO32, int(saved[1]))
+
+
+def _load_variables(layer, store):
+    """The variables by index as Keras saves them (the base class would count the seed state as
+    one variable too many), then the seed state beside them."""
+    for i, v in enumerate(layer._trainable_variables + layer._non_trainable_variables):
+        v.assign(store[f"{i}"])
+    _load_seed_state(layer, store)
+
+
 def _check_layer_scale(value):
     """layer_scale: a finite real number (gamma's initial value)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -135,21 +187,7 @@ class StochasticDepth(keras.layers.Layer):
         self._use_tf_ops = keras.backend.backend() == "tensorflow" and _tf_backend.available()
         if self._use_tf_ops:
             self.supports_jit = False
-        # State [seed & 0xFFFFFFFF, step]: SeedGenerator.next() returns it and advances the step.
-        # A seed's high word never changes, so it stays a constant of the layer.
-        seed_lo, self._seed_hi = split64(0 if self.seed is None else self.seed)
-        # torch: the kernels take (seed, offset) as host integers, so the state lives on the CPU
-        # and reading it is no device sync.
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            self.seed_generator = keras.random.SeedGenerator(None if self.seed is None else 0)
-            if self.seed is not None:
-                # Set the seed word here rather than through SeedGenerator(seed): the state dtype
-                # is int32 on some backends (torch), where a word >= 2**31 must be stored as its
-                # bit pattern.
-                state = self.seed_generator.state
-                word = _seed_state_value(seed_lo, state.dtype)
-                state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
+        self.seed_generator, self._seed_hi = _seed_generator(self.seed)
         # Without a layer scale there is nothing to build (and nothing to save but the state).
         self.built = self.layer_scale is None
 
@@ -270,29 +308,11 @@ class StochasticDepth(keras.layers.Layer):
     # -- saved state: the mask sequence continues after model.save + load_model
 
     def save_own_variables(self, store):
-        """Saves the seed generator's state [seed word, step] with the model (Keras saves only
-        trainable and non-trainable variables, not seed generators), so that a loaded model
-        draws the masks the saved one would have drawn next."""
         super().save_own_variables(store)
-        store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(self.seed_generator.state))
+        _save_seed_state(self, store)
 
     def load_own_variables(self, store):
-        # The variables by index as Keras saves them (gamma, with a layer scale), and the seed
-        # state beside them (the base class would count the state as one variable too many); a
-        # file saved before the state was saved restarts at step 0.
-        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
-            v.assign(store[f"{i}"])
-        if _STATE_KEY not in store:
-            return
-        saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
-        state = self.seed_generator.state
-        # Saved on any backend: the seed word as a uint32 and the step, rewritten in this
-        # backend's state dtype (int32 on torch stores the word as its bit pattern).
-        word = _seed_state_value(int(saved[0]) & LO32, state.dtype)
-        value = np.array([word, int(saved[1])])
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            state.assign(ops.convert_to_tensor(value, dtype=state.dtype))
+        _load_variables(self, store)  # gamma, with a layer scale; and the seed state
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

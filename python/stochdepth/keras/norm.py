@@ -18,8 +18,6 @@ SeedGenerator state [seed & 0xFFFFFFFF, step] saved with the model.
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
 import numpy as np
 from keras import ops
@@ -28,13 +26,14 @@ from .._norm_op import NormConfig, check_eps, check_forward, check_norm
 from .._op import LO32, OpConfig, check_mode, check_prob, check_scaling, join64, split64
 from ._philox import keep_mask
 from .layer import (
-    _STATE_KEY,
     _check_layer_scale,
     _check_seed,
     _compute_dtype,
+    _load_variables,
     _low_word,
+    _save_seed_state,
     _scalar,
-    _seed_state_value,
+    _seed_generator,
     _torch_module,
 )
 
@@ -81,16 +80,8 @@ class StochasticDepthNorm(keras.layers.Layer):
         self.layer_scale = layer_scale
         self.mode = check_mode(mode)
         self.scaling = check_scaling(scaling)
-        # The seed state as StochasticDepth keeps it (layer.py): [seed & 0xFFFFFFFF, step], on the
-        # CPU for torch (the kernels take host integers); the high word is a constant.
-        seed_lo, self._seed_hi = split64(0 if self.seed is None else self.seed)
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            self.seed_generator = keras.random.SeedGenerator(None if self.seed is None else 0)
-            if self.seed is not None:
-                state = self.seed_generator.state
-                word = _seed_state_value(seed_lo, state.dtype)
-                state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
+        # The seed state as StochasticDepth keeps it (layer.py).
+        self.seed_generator, self._seed_hi = _seed_generator(self.seed)
         self.weight = self.bias = self.gamma = None
 
     def build(self, input_shape):
@@ -230,21 +221,10 @@ class StochasticDepthNorm(keras.layers.Layer):
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(self.seed_generator.state))
+        _save_seed_state(self, store)
 
     def load_own_variables(self, store):
-        # The variables by index as Keras saves them, and the seed state beside them (the base
-        # class would count the state as one variable too many).
-        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
-            v.assign(store[f"{i}"])
-        if _STATE_KEY not in store:
-            return
-        saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
-        state = self.seed_generator.state
-        value = np.array([_seed_state_value(int(saved[0]) & LO32, state.dtype), int(saved[1])])
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            state.assign(ops.convert_to_tensor(value, dtype=state.dtype))
+        _load_variables(self, store)
 
     def compute_output_shape(self, input_shape):
         return [input_shape[0], input_shape[0]]

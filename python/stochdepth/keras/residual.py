@@ -24,10 +24,7 @@ a compiled step draws a fresh one (docs/design.md, "Randomness in the adapters")
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
-import numpy as np
 from keras import ops
 
 from .._buckets import DEFAULT_BUCKETS, check_buckets
@@ -39,16 +36,16 @@ from .._op import (
     check_prob,
     check_scaling,
     join64,
-    split64,
 )
 from ._philox import keep_mask
 from .layer import (
-    _STATE_KEY,
     _check_seed,
     _compute_dtype,
+    _load_seed_state,
     _low_word,
+    _save_seed_state,
     _scalar,
-    _seed_state_value,
+    _seed_generator,
     _torch_module,
 )
 
@@ -83,16 +80,8 @@ class StochasticResidual(keras.layers.Wrapper):
         self.mode = check_mode(mode)
         self.scaling = check_scaling(scaling)
         self.buckets = check_buckets(buckets)
-        # The seed state as StochasticDepth keeps it (layer.py): [seed & 0xFFFFFFFF, step], the
-        # seed's high word a constant of the layer, on the CPU on the torch backend.
-        seed_lo, self._seed_hi = split64(0 if self.seed is None else self.seed)
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            self.seed_generator = keras.random.SeedGenerator(None if self.seed is None else 0)
-            if self.seed is not None:
-                state = self.seed_generator.state
-                word = _seed_state_value(seed_lo, state.dtype)
-                state.assign(ops.convert_to_tensor(np.array([word, 0]), dtype=state.dtype))
+        # The seed state as StochasticDepth keeps it (layer.py).
+        self.seed_generator, self._seed_hi = _seed_generator(self.seed)
 
     # -- call
 
@@ -192,20 +181,12 @@ class StochasticResidual(keras.layers.Wrapper):
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        store[_STATE_KEY] = np.asarray(ops.convert_to_numpy(self.seed_generator.state))
+        _save_seed_state(self, store)
 
     def load_own_variables(self, store):
         # The wrapper has no variables of its own (the wrapped layer saves its own): the store
         # holds only the seed state.
-        if _STATE_KEY not in store:
-            return
-        saved = np.asarray(store[_STATE_KEY]).astype(np.int64)
-        state = self.seed_generator.state
-        word = _seed_state_value(int(saved[0]) & LO32, state.dtype)
-        value = np.array([word, int(saved[1])])
-        on_cpu = keras.backend.backend() == "torch"
-        with keras.device("cpu") if on_cpu else contextlib.nullcontext():
-            state.assign(ops.convert_to_tensor(value, dtype=state.dtype))
+        _load_seed_state(self, store)
 
     def compute_output_shape(self, input_shape):
         return input_shape
