@@ -184,3 +184,47 @@ def test_errors():
         stochastic_depth_norm(sc, res, 0.5, w, b, norm="rms", seed=1)
     with pytest.raises(ValueError, match="dim must be >= 1"):
         StochasticDepthNorm(0, 0.5)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("seed", [7, None], ids=["seeded", "unseeded"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_module_checkpointed_equals_plain(norm, use_reentrant, seed):
+    # Activation checkpointing recomputes the forward in backward: the recompute must draw the
+    # mask of the forward it replays (docs/design.md, "Activation checkpointing"), so every
+    # gradient equals the plain run's, step after step.
+    import torch.utils.checkpoint as cp
+
+    def train(checkpointed):
+        torch.manual_seed(0)
+        mods = torch.nn.ModuleList(
+            StochasticDepthNorm(8, 0.5, norm=norm, layer_scale_init=0.5,
+                                seed=None if seed is None else seed + i) for i in range(2))
+        for m in mods:  # parameters that are not all ones and zeros
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.uniform_(0.5, 1.5)
+        grads = []
+        for _ in range(2):
+            x = torch.randn(16, 3, 8, requires_grad=True)
+            r = torch.randn(16, 3, 8, requires_grad=True)
+            mods.zero_grad()
+            h, loss = x, 0
+            for m in mods:
+                y, n = (cp.checkpoint(m, h, r, use_reentrant=use_reentrant) if checkpointed
+                        else m(h, r))
+                loss = loss + n.square().sum()
+                h = y
+            (loss + h.sum()).backward()
+            grads.append([x.grad, r.grad] + [p.grad for p in mods.parameters()])
+        return grads
+
+    plain, checkpointed = train(False), train(True)
+    for a, b in zip(plain, checkpointed):
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga, gb)
+    if seed is not None:  # the masks drop some samples and keep others: a replayed mask matters
+        for i in range(2):
+            for step in range(2):
+                keep = stochdepth.mask(16, 0.5, seed=seed + i, offset=step)
+                assert 0 < keep.sum() < 16
