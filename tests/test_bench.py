@@ -229,6 +229,10 @@ def test_custom_cases_without_torch(tmp_path):
             for op in ("forward", "forward+backward")]
         ours = [r for r in tf_rows_ if r["impl"] == "stochdepth.keras"]
         assert all("error" not in r and 0 < r["min_ms"] <= r["median_ms"] for r in ours), ours
+    # The JAX model train steps need no torch: the quick ViT case, every row timed.
+    jax_cases = data["jax_model"]["cases"]
+    assert [c["name"] for c in jax_cases] == ["vit-s16-ls-0.4"]
+    assert all("error" not in r and r["median_ms"] > 0 for r in jax_cases[0]["rows"])
     # The Keras model train steps: the backends --no-torch leaves, both layers in each.
     model_rows = data["keras_model"]["rows"]
     backends = ["jax"] + (["tensorflow"] if importlib.util.find_spec("tensorflow") else [])
@@ -248,8 +252,8 @@ def test_compare_isas_rows(tmp_path):
               if i not in ("scalar", stochdepth.get_isa())]
     for args, want in ((), others), (("--compare-isas", "none"), []), (
             ("--compare-isas", "scalar"), ["scalar"]):
-        data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--no-tf", "--ops", "fwd,bwd",
-                            "--rounds", "2", "--cases", "4x7x3:bfloat16", *args)
+        data, _ = run_bench(tmp_path, "--quick", "--no-torch", "--no-tf", "--no-model", "--ops",
+                            "fwd,bwd", "--rounds", "2", "--cases", "4x7x3:bfloat16", *args)
         for op_res in data["cases"][0]["ops"].values():
             rows = {r["impl"]: r for r in op_res["rows"]}
             assert [k for k in rows if "@" in k] == [f"sd@{i}" for i in want]

@@ -20,6 +20,7 @@ from stochdepth.bench import (
     cpu_rows,
     cuda_rows,
     fused_rows,
+    jax_model_rows,
     jax_rows,
     keras_model_rows,
     keras_rows,
@@ -39,7 +40,7 @@ __all__ = ["OP_ROWS", "SECTIONS", "main", "parse_args", "run"]
 OP_ROWS = cpu_rows.ROWS + cuda_rows.ROWS + anchors.ROWS
 # What runs after the tables, in this order.
 SECTIONS = [fused_rows.SECTION, keras_rows.SECTION, jax_rows.SECTION, tf_rows.SECTION,
-            keras_model_rows.SECTION, model_rows.SECTION]
+            keras_model_rows.SECTION, model_rows.SECTION, jax_model_rows.SECTION]
 
 
 def _plan(args):

@@ -49,8 +49,8 @@ from stochdepth.bench.timing import (
     interleave,
 )
 
-__all__ = ["IMPLS", "MODEL_CASES", "ModelCase", "SECTION", "add_plot_panel", "build",
-           "report", "selected_cases"]
+__all__ = ["IMPLS", "MODEL_CASES", "ModelCase", "SECTION", "add_plot_panel", "build", "judge",
+           "print_case", "report", "selected_cases"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +258,7 @@ def _time_case(torch, args, case, compiled, timer, plan):
     return rows, opt_ms, order
 
 
-def _judge(rows, opt_ms, kept):
+def judge(rows, opt_ms, kept):
     """The ratios against the timm row and the bound, in place; returns the bound's dict."""
     timm = rows["timm"].get("median_ms")
     floor = rows["floor"].get("median_ms")
@@ -274,7 +274,7 @@ def _judge(rows, opt_ms, kept):
     return bound
 
 
-def _print_case(title, rows, bound):
+def print_case(title, rows, bound):
     head = f"  {title}"
     if bound is not None:
         vs = f", {bound['vs_timm']:.2f}x vs timm" if bound["vs_timm"] else ""
@@ -334,14 +334,14 @@ def report(args):
                                      "error": short_error(exc), "rows": []})
                 print(f"  {case.name}: FAILED: {short_error(exc)}")
                 continue
-            bound = _judge(rows, opt_ms, kept)
+            bound = judge(rows, opt_ms, kept)
             res = {"name": case.name, "arch": case.arch, "family": case.family,
                    "shape": list(case.input_shape(args.model_batch)),
                    "layer_scale": case.layer_scale, "drop_path_rate": case.rate,
                    "compiled": compiled, "bound": bound, "rows": list(rows.values()),
                    "round_order": order}
             out["cases"].append(res)
-            _print_case(f"{case.name} {tuple(res['shape'])}{' compiled' if compiled else ''}",
+            print_case(f"{case.name} {tuple(res['shape'])}{' compiled' if compiled else ''}",
                         rows, bound)
     return out
 
