@@ -23,9 +23,10 @@ Two ways to know the kept count, which sizes the branch's input:
   sample's data might produce), the branch runs on the bucket, and only its first `count`
   rows are placed. `lax.switch` picks the bucket at run time: one traced copy of the branch per
   bucket size, one compiled program, and only the chosen copy executes (under `vmap` the
-  switch becomes a select, which runs every copy). Nothing kept: no copy runs. Each copy is
-  rematerialised under grad (its activations are recomputed in the backward pass, not saved):
-  saved, the switch would keep every bucket's activations, zeros for the buckets not taken.
+  switch becomes a select, which runs every copy). Nothing kept: no copy runs. Under grad the
+  switch keeps every bucket's activations (zeros for the buckets not taken); where those would
+  pass twice the largest bucket's, each copy is rematerialised (recomputed in the backward pass,
+  not saved).
 
 The padding rows' outputs are never read, so their cotangent is exactly zero: the branch's
 parameters get gradients from kept samples only. A branch with batch statistics (BatchNorm in
@@ -139,14 +140,16 @@ def _bucketed(x, branch_fn, stateful, state, config, words, sizes):
     # Index 0: nothing kept; index i: the smallest size >= count.
     bounds = jnp.asarray((0,) + sizes[:-1], jnp.int32)
     index = jnp.sum(count > bounds, dtype=jnp.int32)
-    # Each bucket is rematerialised (jax.checkpoint): under grad, lax.switch must give every
-    # branch the same residuals, so it returns the union of all buckets' saved activations, the
-    # ones of the buckets not taken as zeros. Saved, a ViT-B attention branch at batch 8 and four
-    # buckets needed 275 MiB of XLA temporaries against 92 MiB for the plain branch, and its
-    # train step took 45% longer than the same kept rows at a concrete key; rematerialised,
-    # 111 MiB and 10% (docs/design.md, "Skipping dropped samples"). The backward pass then runs
-    # the taken bucket's forward once more, on the kept rows only.
-    branches = [nothing] + [jax.checkpoint(bucket(s)) for s in sizes]
+    # Under grad, lax.switch must give every branch the same residuals: it saves the union of
+    # all buckets' activations, the ones of the buckets not taken as zeros. Saved, a ViT-B
+    # attention branch at batch 8 and four buckets needed 275 MiB of XLA temporaries against
+    # 92 MiB for the plain branch, and its gradient took 45% longer than the same kept rows at a
+    # concrete key. Where the union would pass twice the largest bucket's activations, each
+    # bucket is rematerialised (jax.checkpoint: 111 MiB, 10% longer, the taken bucket's forward
+    # run again in the backward pass); below that (one or two buckets, high p) recomputing costs
+    # more than it saves (docs/design.md, "Skipping dropped samples").
+    remat = sum(sizes) > 2 * max(sizes)
+    branches = [nothing] + [jax.checkpoint(bucket(s)) if remat else bucket(s) for s in sizes]
     full, state = lax.switch(index, branches, x, state)
     return _combine(x, full, words, config), state
 
