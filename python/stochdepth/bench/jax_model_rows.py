@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from stochdepth.bench._util import median, short_error
+from stochdepth.bench import model_rows
+from stochdepth.bench._util import short_error
 from stochdepth.bench.rows import Section
 from stochdepth.bench.timing import CpuTimer, Entry, TimingPlan, interleave
 
@@ -249,27 +250,11 @@ def time_case(case, depth, batch, optimizer, plan, timer=None):
     except Exception as exc:  # noqa: BLE001 - no bound then
         print(f"  (optimizer step not timed: {short_error(exc)})")
     order, records = interleave(entries, plan, timer, rotate_from=1)
-    opt_ms = None
-    for key, rec in records.items():
-        if "error" in rec:
-            if key in rows:
-                rows[key]["error"] = rec["error"]
-            continue
-        per_round = [median(r) / 1e6 for r in rec["round_calls_ns"]]
-        summary = {"median_ms": median(per_round),
-                   "min_ms": min(min(r) for r in rec["round_calls_ns"]) / 1e6,
-                   "round_median_ms": [round(v, 6) for v in per_round]}
-        if key == "optimizer":
-            opt_ms = summary["median_ms"]
-        else:
-            rows[key].update(summary)
-    return rows, opt_ms, order
+    return rows, model_rows.collect(rows, records), order
 
 
 def report(args):
     """Takes, prints and returns the JAX model rows of the selected ViT cases."""
-    from stochdepth.bench import model_rows
-
     try:
         import jax
 

@@ -49,8 +49,8 @@ from stochdepth.bench.timing import (
     interleave,
 )
 
-__all__ = ["IMPLS", "MODEL_CASES", "ModelCase", "SECTION", "add_plot_panel", "build", "judge",
-           "print_case", "report", "selected_cases"]
+__all__ = ["IMPLS", "MODEL_CASES", "ModelCase", "SECTION", "add_plot_panel", "build", "collect",
+           "judge", "print_case", "report", "selected_cases"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +241,12 @@ def _time_case(torch, args, case, compiled, timer, plan):
         except Exception as exc:  # noqa: BLE001 - a failing row is reported, not fatal
             row["error"] = short_error(exc)
     order, records = interleave(entries, plan, timer, rotate_from=1)
+    return rows, collect(rows, records), order
+
+
+def collect(rows, records):
+    """The interleaved records' medians into `rows` ({impl: row}, in place: a row's error, or its
+    median, min and per-round medians in ms); returns the "optimizer" entry's median (or None)."""
     opt_ms = None
     for key, rec in records.items():
         if "error" in rec:
@@ -248,14 +254,14 @@ def _time_case(torch, args, case, compiled, timer, plan):
                 rows[key]["error"] = rec["error"]
             continue
         per_round = [median(r) / 1e6 for r in rec["round_calls_ns"]]
-        summary = {"median_ms": median(per_round), "min_ms": min(min(r) for r in
-                                                                 rec["round_calls_ns"]) / 1e6,
+        summary = {"median_ms": median(per_round),
+                   "min_ms": min(min(r) for r in rec["round_calls_ns"]) / 1e6,
                    "round_median_ms": [round(v, 6) for v in per_round]}
         if key == "optimizer":
             opt_ms = summary["median_ms"]
         else:
             rows[key].update(summary)
-    return rows, opt_ms, order
+    return opt_ms
 
 
 def judge(rows, opt_ms, kept):
